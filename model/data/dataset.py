@@ -108,7 +108,9 @@ class SequenceDataset:
                 continue
             target_pos = len(seq) - cut
             users.append(u)
-            histories.append(np.asarray(seq[max(0, target_pos - self.max_history) : target_pos], dtype=np.int64))
+            histories.append(
+                np.asarray(seq[max(0, target_pos - self.max_history) : target_pos], dtype=np.int64)
+            )
             targets.append(int(seq[target_pos]))
         return EvalSplit(
             name=split,
