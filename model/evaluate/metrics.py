@@ -91,3 +91,20 @@ def invalid_item_rate(
             if ex is not None and len(ex):
                 bad[u] |= filled[u] & np.isin(ranked[u], np.asarray(ex))
     return float(bad.sum() / total)
+
+
+def evaluation_report(
+    ranked_items: np.ndarray,
+    targets: np.ndarray,
+    num_items: int,
+    exclude: Sequence[np.ndarray | None] | None = None,
+    ks: Sequence[int] = (5, 10),
+) -> dict[str, float | int]:
+    """Everything ``fair-eval`` reports for one ranking: Recall/NDCG@ks, ``invalid_rate``, ``users``.
+
+    The model and the popularity baseline both go through here, so their numbers are comparable.
+    """
+    report: dict[str, float | int] = dict(recall_ndcg(ranked_items, targets, ks))
+    report["invalid_rate"] = invalid_item_rate(ranked_items, num_items, exclude)
+    report["users"] = int(np.asarray(targets).shape[0])
+    return report
