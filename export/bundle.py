@@ -1,0 +1,377 @@
+"""The model bundle: the one directory the service loads, and how it is written and checked.
+
+Layout (in the spirit of Triton's model repository: several versions side by side)::
+
+    BUNDLE_ROOT/NAME/VERSION/        VERSION a positive integer; the service takes the newest or a pinned one
+        manifest.json                what is in the bundle, where it came from, sha256 of every other file
+        model.onnx                   codes [B, N, L] int64 + item_mask [B, N] bool -> log_probs [B, L, V] float32
+        semantic_ids.npz             SemanticIdTable (item catalog ids + code tuples)
+        trie.npz                     CodeTrie arrays for the constrained beam search
+        popular.npy                  int64 item indices, most popular first (fallback for empty histories)
+
+numpy + json + hashlib only: the service reads bundles and must never import torch. A bundle is built
+in a hidden temporary directory next to its final place and renamed in one step, so a reader never
+sees a half-written version and a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from model.semantic_ids.table import SemanticIdError, SemanticIdTable
+from model.semantic_ids.trie import CodeTrie
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+SEMANTIC_IDS_FILE = "semantic_ids.npz"
+TRIE_FILE = "trie.npz"
+POPULAR_FILE = "popular.npy"
+BUNDLE_FILES = (MODEL_FILE, SEMANTIC_IDS_FILE, TRIE_FILE, POPULAR_FILE)
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Keys every manifest carries; readers may rely on them (see docs/architecture.md, "Bundle").
+REQUIRED_KEYS = (
+    "schema_version",
+    "name",
+    "version",
+    "created",
+    "precision",
+    "source",  # {"checkpoint": path, "checkpoint_sha256": hex, "run_dir": path | None}
+    "model_config",  # FAIRConfig as a dict
+    "code_length",
+    "codebook_size",
+    "num_items",
+    "max_history",
+    "sid_sha256",  # SemanticIdTable.sha256() of semantic_ids.npz
+    "opset",
+    "inputs",  # [{"name", "dtype", "shape"}], shape entries are ints or axis names ("batch", "items")
+    "outputs",
+    "files",  # {file name: sha256 hex} for every file but manifest.json
+    "metrics",  # offline metrics of this bundle / its run ({} when none were available)
+    "verification",  # what fair-export checked and measured ({} with --no-verify)
+    "exporter",  # {"name": "fair-export", "version": ...}
+)
+_STAGING_PREFIX = ".staging-"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, incomplete, corrupt, or inconsistent with itself."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (model.onnx may be hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp used for the manifest's ``created`` field."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---- finding versions -------------------------------------------------------------------------------
+def list_versions(model_dir: str | os.PathLike) -> list[int]:
+    """Integer versions present under ``BUNDLE_ROOT/NAME``, ascending.
+
+    Only directories named as a positive integer count; staging directories (hidden) never do, so a
+    version that is still being written is invisible.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    versions = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def next_version(model_dir: str | os.PathLike) -> int:
+    """The version a new export gets when none is asked for: one more than the newest."""
+    versions = list_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def resolve_bundle(path: str | os.PathLike, version: int | None = None) -> Path:
+    """Turn ``BUNDLE_ROOT/NAME`` (+ optional pinned version) or ``BUNDLE_ROOT/NAME/VERSION`` into a bundle dir.
+
+    With a model directory and no version, the newest integer version is taken.
+    """
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():  # already a version directory
+        if version is not None and path.name != str(version):
+            raise BundleError(f"{path}: is bundle version {path.name}, but version {version} was asked for")
+        return path
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory")
+    versions = list_versions(path)
+    if version is not None:
+        if version not in versions:
+            raise BundleError(f"{path}: no version {version} (versions present: {versions or 'none'})")
+        chosen = path / str(version)
+    elif versions:
+        chosen = path / str(versions[-1])
+    else:
+        raise BundleError(
+            f"{path}: neither a bundle (no {MANIFEST_FILE}) nor a model directory with integer versions"
+        )
+    if not (chosen / MANIFEST_FILE).is_file():
+        raise BundleError(f"{chosen}: no {MANIFEST_FILE}")
+    return chosen
+
+
+# ---- reading and checking ---------------------------------------------------------------------------
+def read_manifest(bundle_dir: str | os.PathLike) -> dict:
+    """Parse and sanity-check ``manifest.json`` (schema version, required keys, precision)."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: no such manifest")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not a readable JSON manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    schema = manifest.get("schema_version")
+    if schema != SCHEMA_VERSION:
+        raise BundleError(f"{path}: manifest schema_version {schema!r}, this code reads {SCHEMA_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
+    if manifest["precision"] not in PRECISIONS:
+        raise BundleError(f"{path}: precision {manifest['precision']!r} not one of {PRECISIONS}")
+    if not isinstance(manifest["files"], dict):
+        raise BundleError(f"{path}: field 'files' must map file name -> sha256")
+    return manifest
+
+
+def verify_checksums(bundle_dir: str | os.PathLike) -> list[str]:
+    """Every problem with the bundle's files, one line each; an empty list means all checksums match.
+
+    Checks that every file the layout needs is listed, that every listed file exists and has the
+    recorded sha256, and that no stray file sits in the directory unlisted.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    files: dict[str, str] = manifest["files"]
+    problems = [f"{name}: not listed in {MANIFEST_FILE}" for name in BUNDLE_FILES if name not in files]
+    for name, expected in sorted(files.items()):
+        path = bundle_dir / name
+        if Path(name).name != name:
+            problems.append(f"{name}: file names in a bundle must not contain directories")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        else:
+            actual = sha256_file(path)
+            if actual != expected:
+                problems.append(f"{name}: sha256 {actual} != {expected} recorded in {MANIFEST_FILE}")
+    for child in sorted(bundle_dir.iterdir()):
+        if child.name != MANIFEST_FILE and child.name not in files:
+            problems.append(f"{child.name}: present but not listed in {MANIFEST_FILE}")
+    return problems
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle read into memory, everything but the ONNX model (the runtime loads ``model_path``)."""
+
+    dir: Path
+    manifest: dict
+    model_path: Path
+    table: SemanticIdTable
+    trie: CodeTrie
+    popular: np.ndarray  # [P] int64 item indices, most popular first
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    @property
+    def max_history(self) -> int:
+        return int(self.manifest["max_history"])
+
+
+def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | None = None) -> LoadedBundle:
+    """Read a bundle (``path`` as for ``resolve_bundle``); with ``verify`` every checksum is checked first.
+
+    Also checks the parts agree with each other (table vs manifest, popular indices in range), so the
+    service fails at load time with one clear message rather than with wrong recommendations later.
+    """
+    bundle_dir = resolve_bundle(path, version)
+    manifest = read_manifest(bundle_dir)
+    if verify:
+        problems = verify_checksums(bundle_dir)
+        if problems:
+            raise BundleError(f"{bundle_dir}: checksum check failed: " + "; ".join(problems))
+    for name in BUNDLE_FILES:
+        if not (bundle_dir / name).is_file():
+            raise BundleError(f"{bundle_dir / name}: missing")
+    try:
+        table = SemanticIdTable.load(bundle_dir / SEMANTIC_IDS_FILE)
+    except SemanticIdError as exc:
+        raise BundleError(str(exc)) from exc
+    if table.sha256() != manifest["sid_sha256"]:
+        raise BundleError(
+            f"{bundle_dir / SEMANTIC_IDS_FILE}: table sha256 does not match the manifest's sid_sha256"
+        )
+    for key, actual in (
+        ("code_length", table.code_length),
+        ("codebook_size", table.codebook_size),
+        ("num_items", table.num_items),
+    ):
+        if int(manifest[key]) != actual:
+            raise BundleError(f"{bundle_dir}: manifest {key}={manifest[key]} but the table has {actual}")
+    try:
+        trie = CodeTrie.load(bundle_dir / TRIE_FILE)
+    except Exception as exc:  # CodeTrie's own error types: report them as a bundle problem with the path
+        raise BundleError(f"{bundle_dir / TRIE_FILE}: not a readable trie ({exc})") from exc
+    popular = _load_popular(bundle_dir / POPULAR_FILE, table.num_items)
+    return LoadedBundle(
+        dir=bundle_dir,
+        manifest=manifest,
+        model_path=bundle_dir / MODEL_FILE,
+        table=table,
+        trie=trie,
+        popular=popular,
+    )
+
+
+def _load_popular(path: Path, num_items: int) -> np.ndarray:
+    try:
+        popular = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
+    if popular.ndim != 1 or not np.issubdtype(popular.dtype, np.integer):
+        raise BundleError(f"{path}: must be a 1-d integer array, got {popular.dtype} {popular.shape}")
+    if popular.size and (popular.min() < 0 or popular.max() >= num_items):
+        raise BundleError(f"{path}: item indices must lie in [0, {num_items})")
+    return popular.astype(np.int64, copy=False)
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+class BundleStaging:
+    """A hidden directory next to the final bundle in which the files are written and verified.
+
+    ``commit`` hashes every file, writes ``manifest.json`` and renames the directory into place in one
+    step; leaving the ``with`` block without committing (an exception, a failed check) removes it, and
+    also removes the ``NAME`` and ``BUNDLE_ROOT`` directories if this staging created them.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        self.path: Path | None = None
+        self.committed: Path | None = None
+        self._created: list[Path] = []
+
+    def __enter__(self) -> BundleStaging:
+        missing = []
+        p = self.model_dir.absolute()
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        try:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # deepest first: removal order
+            self.path = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.model_dir))
+        except OSError as exc:
+            self._remove_created()
+            raise BundleError(
+                f"{self.model_dir}: cannot write a bundle here ({exc.strerror or exc})"
+            ) from exc
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.path is not None and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.committed is None:
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for d in self._created:
+            try:
+                d.rmdir()  # only if empty: never removes anything someone else put there
+            except OSError:
+                break
+
+    def commit(self, manifest: Mapping, version: int | None = None) -> Path:
+        """Hash the staged files, write the manifest (with ``version`` and ``files``) and rename into place.
+
+        ``version=None`` takes the next free integer; if another exporter takes it first, the next one.
+        A pinned version that already exists is an error (versions are immutable).
+        """
+        if self.path is None:
+            raise RuntimeError("BundleStaging.commit outside its with-block")
+        staged = sorted(p.name for p in self.path.iterdir() if p.name != MANIFEST_FILE)
+        missing = [n for n in BUNDLE_FILES if n not in staged]
+        if missing:
+            raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
+        files = {name: sha256_file(self.path / name) for name in staged}
+        for attempt in range(100):
+            v = version if version is not None else next_version(self.model_dir)
+            if v < 1:
+                raise BundleError(f"version must be a positive integer, got {v}")
+            target = self.model_dir / str(v)
+            if target.exists() and version is not None:
+                raise BundleError(f"{target}: version {v} already exists; bundle versions are immutable")
+            full = {**manifest, "schema_version": SCHEMA_VERSION, "version": v, "files": files}
+            missing_keys = [k for k in REQUIRED_KEYS if k not in full]
+            if missing_keys:
+                raise BundleError(f"manifest lacks field(s) {', '.join(missing_keys)}")
+            _write_json(self.path / MANIFEST_FILE, full)
+            try:
+                os.rename(self.path, target)  # atomic; fails if target exists and is not empty
+            except OSError:
+                if version is not None or attempt == 99 or not target.exists():
+                    raise
+                continue  # another exporter took this version meanwhile: take the next
+            self.committed, self.path = target, None
+            return target
+        raise AssertionError("unreachable")
+
+
+def write_bundle(
+    model_dir: str | os.PathLike,
+    manifest: Mapping,
+    files: Mapping[str, str | os.PathLike | bytes],
+    version: int | None = None,
+) -> Path:
+    """Write a complete bundle atomically from file contents (bytes) or existing files (copied).
+
+    ``manifest`` is everything but ``schema_version``, ``version`` and ``files``, which are filled in.
+    """
+    with BundleStaging(model_dir) as staging:
+        assert staging.path is not None
+        for name, content in files.items():
+            if Path(name).name != name or name == MANIFEST_FILE:
+                raise BundleError(f"invalid bundle file name {name!r}")
+            if isinstance(content, bytes):
+                (staging.path / name).write_bytes(content)
+            else:
+                shutil.copyfile(content, staging.path / name)
+        return staging.commit(manifest, version)
+
+
+def _write_json(path: Path, obj: Mapping) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
