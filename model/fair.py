@@ -1,0 +1,352 @@
+"""The FAIR network: a decoder-only Transformer over semantic-ID code tokens with focused attention.
+
+One readable file, nanoGPT style. Shapes in comments use
+  B batch, N items per history (left-padded, newest item last), L codes per item, V codebook size,
+  T = N * L code tokens (+1 when the hashed user token is on), D model width, H heads.
+
+Every item of the history contributes its L codes as L tokens. Token embedding =
+code embedding (one table per level, plus one MASK row per level for the code-masking perturbation)
++ level embedding + item-position embedding, the position counted from the NEWEST item, so the
+newest item always has position 0 and left padding never shifts the real items.
+
+Attention is causal over tokens and padded keys are masked. ``attention="focused"`` is the
+Differential-Transformer form (two softmax maps, their lambda-weighted difference, per-head RMSNorm,
+(1 - lambda_init) scale); ``attention="standard"`` is ordinary multi-head attention with everything
+else identical, the baseline of the ablations.
+
+At the last token of every item, L parallel heads give logits over each code of the NEXT item
+(non-autoregressive multi-token prediction), so one pass trains on every item boundary and serving
+needs a single forward pass per request (``next_item_log_probs``, the function exported to ONNX).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_KINDS = ("focused", "standard")
+
+
+@dataclass
+class FAIRConfig:
+    """Architecture hyper-parameters; stored in every checkpoint as a plain dict."""
+
+    num_levels: int = 4  # L: codes per item
+    codebook_size: int = 256  # V: values per code
+    max_items: int = 50  # longest history the position table covers (positions beyond share the last row)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    attention: str = "focused"  # "focused" | "standard"
+    user_buckets: int = 0  # > 0: prepend one hashed user token (bucket = crc32(user id) % user_buckets)
+    tie_output: bool = True  # output head of level j scores against the input code embeddings of level j
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.attention == "focused" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("focused attention needs an even head width (d_model / n_heads)")
+        for name in ("num_levels", "codebook_size", "max_items", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FAIRConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown FAIRConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class FAIROutput(NamedTuple):
+    logits: torch.Tensor  # [B, N, L, V] next-item code logits at every item boundary
+    history: torch.Tensor  # [B, N, D] history representation at every item boundary
+    attn: list[torch.Tensor] | None  # per layer [B, H, T, T] final attention maps (focused: the difference)
+
+
+def hash_user(user_id: str, buckets: int) -> int:
+    """Stable (process-independent) bucket of a user id for the optional user token."""
+    return zlib.crc32(user_id.encode()) % buckets
+
+
+def lambda_init_for_layer(layer: int) -> float:
+    """Differential-Transformer schedule, ``layer`` counted from 1: 0.2 at the first layer -> 0.8."""
+    return 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
+
+
+# ---- attention kernels (pure functions: the tests compare them directly) ---------------------------
+
+
+def _row_has_key(allowed: torch.Tensor) -> torch.Tensor:
+    return allowed.any(dim=-1, keepdim=True)  # [B, 1, T, 1]
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. q,k [B,H,T,d], v [B,H,T,dv], allowed bool [B,1,T,T].
+
+    Masked scores get the dtype's most negative value instead of -inf, so a row with no allowed key
+    is a harmless uniform softmax that the final multiply by ``allowed`` turns into zeros (no NaN,
+    no data-dependent branch: this is the form exported to ONNX). Returns (out, probs).
+    """
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = (q @ k.transpose(-2, -1)) * scale  # [B,H,T,T]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1) * allowed.to(scores.dtype)
+    return probs @ v, probs
+
+
+def focused_attention_reference(
+    q1: torch.Tensor,
+    k1: torch.Tensor,
+    q2: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    lam: torch.Tensor,
+    allowed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q1 k1^T/sqrt d) - lam softmax(q2 k2^T/sqrt d)) v, plain form. Returns (out, diff map)."""
+    _, p1 = reference_attention(q1, k1, v, allowed)
+    _, p2 = reference_attention(q2, k2, v, allowed)
+    diff = p1 - lam * p2  # [B,H,T,T], may be negative
+    return diff @ v, diff
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Fused attention; rows with no allowed key attend everywhere then are zeroed, which keeps the
+    backward pass free of NaN (a fully masked softmax row would poison the gradients)."""
+    has = _row_has_key(allowed)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has)
+    return out * has.to(out.dtype)
+
+
+def focused_attention_fast(
+    q1: torch.Tensor,
+    k1: torch.Tensor,
+    q2: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    lam: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Same value as ``focused_attention_reference`` by linearity: A1 v - lam A2 v, two SDPA calls."""
+    return _sdpa(q1, k1, v, allowed) - lam * _sdpa(q2, k2, v, allowed)
+
+
+# ---- modules -------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention, focused (differential) or standard; same parameter count."""
+
+    def __init__(self, cfg: FAIRConfig, layer: int) -> None:
+        super().__init__()
+        self.focused = cfg.attention == "focused"
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads  # value width per head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if self.focused:
+            half = self.head_dim // 2  # each of the two Q/K sets has half the head width
+            self.lambda_init = lambda_init_for_layer(layer)
+            self.lambda_q1 = nn.Parameter(torch.randn(half) * 0.1)
+            self.lambda_k1 = nn.Parameter(torch.randn(half) * 0.1)
+            self.lambda_q2 = nn.Parameter(torch.randn(half) * 0.1)
+            self.lambda_k2 = nn.Parameter(torch.randn(half) * 0.1)
+            self.head_norm = RMSNorm(self.head_dim)
+
+    def lam(self) -> torch.Tensor:
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init (a scalar shared by all heads)."""
+        return (
+            torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+            - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+            + self.lambda_init
+        )
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, plain: bool, return_attn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        H, hd = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).split(D, dim=-1)  # each [B,T,D]
+        v = v.view(B, T, H, hd).transpose(1, 2)  # [B,H,T,hd]
+        attn = None
+        if not self.focused:
+            q = q.view(B, T, H, hd).transpose(1, 2)
+            k = k.view(B, T, H, hd).transpose(1, 2)
+            if plain or return_attn:
+                y, attn = reference_attention(q, k, v, allowed)
+            else:
+                y = _sdpa(q, k, v, allowed)
+        else:
+            # split every head's query/key into the two halves: [B,H,T,2,hd/2]
+            q = q.view(B, T, H, 2, hd // 2).permute(3, 0, 2, 1, 4)  # [2,B,H,T,hd/2]
+            k = k.view(B, T, H, 2, hd // 2).permute(3, 0, 2, 1, 4)
+            lam = self.lam().to(v.dtype)
+            if plain or return_attn:
+                y, attn = focused_attention_reference(q[0], k[0], q[1], k[1], v, lam, allowed)
+            else:
+                y = focused_attention_fast(q[0], k[0], q[1], k[1], v, lam, allowed)
+            y = self.head_norm(y) * (1.0 - self.lambda_init)  # per-head RMSNorm, fixed rescale
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y), (attn if return_attn else None)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: FAIRConfig, layer: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, plain: bool, return_attn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, attn = self.attn(self.ln1(x), allowed, plain, return_attn)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, attn
+
+
+class FAIR(nn.Module):
+    def __init__(self, cfg: FAIRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, V, D = cfg.num_levels, cfg.codebook_size, cfg.d_model
+        # one table for all levels: row j * (V + 1) + c is code c of level j, row j * (V + 1) + V is MASK
+        self.code_emb = nn.Embedding(L * (V + 1), D)
+        self.level_emb = nn.Embedding(L, D)
+        self.pos_emb = nn.Embedding(cfg.max_items, D)
+        self.user_emb = nn.Embedding(cfg.user_buckets, D) if cfg.user_buckets > 0 else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, layer=i + 1) for i in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(D)
+        # L parallel heads: one D x D projection per level, then scored against that level's code
+        # embeddings (tied) or a separate D x V matrix
+        self.head_proj = nn.Parameter(torch.empty(L, D, D))
+        self.head_bias = nn.Parameter(torch.zeros(L, V))
+        self.head_out = None if cfg.tie_output else nn.Parameter(torch.empty(L, V, D))
+        self.apply(self._init)
+        nn.init.normal_(self.head_proj, std=1.0 / math.sqrt(D))
+        if self.head_out is not None:
+            nn.init.normal_(self.head_out, std=0.02)
+        self.register_buffer("level_offsets", torch.arange(L) * (V + 1), persistent=False)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def mask_code(self) -> int:
+        """Code value that the code-masking perturbation writes (the per-level MASK embedding)."""
+        return self.cfg.codebook_size
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., L] (values in [0, V], V = MASK) -> per-level code embeddings [..., L, D]."""
+        return self.code_emb(codes + self.level_offsets)
+
+    def level_code_table(self) -> torch.Tensor:
+        """[L, V, D] embeddings of the real codes (MASK rows excluded)."""
+        L, V = self.cfg.num_levels, self.cfg.codebook_size
+        return self.code_emb.weight.view(L, V + 1, -1)[:, :V]
+
+    def forward(
+        self,
+        codes: torch.Tensor,  # [B,N,L] int64
+        item_mask: torch.Tensor,  # [B,N] bool, True for real items, left-padded
+        return_attn: bool = False,
+        user_buckets: torch.Tensor | None = None,  # [B] int64, only when cfg.user_buckets > 0
+        plain: bool = False,
+    ) -> FAIROutput:
+        """Logits for the next item's L codes at every item boundary (+ history representation).
+
+        ``plain=True`` (or ``return_attn``) uses the reference attention (the exported form);
+        otherwise the fused SDPA kernels, which give the same numbers faster.
+        """
+        cfg = self.cfg
+        B, N, L = codes.shape
+        D = cfg.d_model
+        # position from the newest item: N-1, ..., 1, 0 (clamped to the table size)
+        pos = torch.clamp(torch.arange(N - 1, -1, -1, device=codes.device), max=cfg.max_items - 1)
+        x = (
+            self.code_embeddings(codes)  # [B,N,L,D]
+            + self.level_emb.weight  # [L,D]
+            + self.pos_emb(pos)[:, None, :]  # [N,1,D]
+        ).reshape(B, N * L, D)
+        key_real = item_mask[:, :, None].expand(B, N, L).reshape(B, N * L)  # [B,T]
+        if self.user_emb is not None:
+            if user_buckets is None:
+                raise ValueError("this model has a user token (user_buckets > 0): pass user_buckets")
+            x = torch.cat([self.user_emb(user_buckets)[:, None, :], x], dim=1)  # [B,1+T,D]
+            key_real = torch.cat([torch.ones_like(key_real[:, :1]), key_real], dim=1)
+        T = x.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=codes.device).tril()
+        allowed = (causal[None] & key_real[:, None, :])[:, None]  # [B,1,T,T] query i may see key j
+        x = self.drop(x)
+        maps = [] if return_attn else None
+        for block in self.blocks:
+            x, attn = block(x, allowed, plain, return_attn)
+            if maps is not None:
+                maps.append(attn)
+        x = self.ln_f(x)
+        history = x[:, T - N * L + L - 1 :: L]  # [B,N,D] hidden at the last token of every item
+        return FAIROutput(self.head_logits(history), history, maps)
+
+    def head_logits(self, history: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., L, V]: the L parallel code heads."""
+        h = torch.einsum("...d,lde->...le", history, self.head_proj)  # [...,L,D]
+        table = self.level_code_table() if self.head_out is None else self.head_out  # [L,V,D]
+        return torch.einsum("...le,lve->...lv", h, table) + self.head_bias
+
+    def next_item_log_probs(
+        self,
+        codes: torch.Tensor,  # [B,N,L] int64
+        item_mask: torch.Tensor,  # [B,N] bool
+        user_buckets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log-softmax over each code of the next item, at the newest item: [B,L,V] float32.
+
+        Plain attention and no data-dependent Python control flow: this is what ``fair-export``
+        traces to ONNX with dynamic B and N.
+        """
+        out = self.forward(codes, item_mask, user_buckets=user_buckets, plain=True)
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)

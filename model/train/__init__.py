@@ -1,0 +1,1 @@
+"""Training FAIR: config, perturbations, objectives, batches, checkpoints, the trainer and `fair-train`."""
