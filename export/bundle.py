@@ -243,10 +243,12 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
     ):
         if int(manifest[key]) != actual:
             raise BundleError(f"{bundle_dir}: manifest {key}={manifest[key]} but the table has {actual}")
-    try:
-        trie = CodeTrie.load(bundle_dir / TRIE_FILE)
-    except Exception as exc:  # CodeTrie's own error types: report them as a bundle problem with the path
-        raise BundleError(f"{bundle_dir / TRIE_FILE}: not a readable trie ({exc})") from exc
+    trie = load_trie(bundle_dir / TRIE_FILE)
+    if trie.num_items != table.num_items or trie.code_length != table.code_length:
+        raise BundleError(
+            f"{bundle_dir / TRIE_FILE}: trie has {trie.num_items} items of length {trie.code_length}, "
+            f"the table {table.num_items} of length {table.code_length}"
+        )
     popular = _load_popular(bundle_dir / POPULAR_FILE, table.num_items)
     return LoadedBundle(
         dir=bundle_dir,
@@ -256,6 +258,23 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         trie=trie,
         popular=popular,
     )
+
+
+def save_trie(trie: CodeTrie, path: str | os.PathLike) -> Path:
+    """Write ``trie.npz`` from ``CodeTrie.to_arrays`` (plain arrays, no pickle)."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        np.savez(f, **trie.to_arrays())
+    return path
+
+
+def load_trie(path: str | os.PathLike) -> CodeTrie:
+    """Read ``trie.npz``; any problem (missing key, corrupt zip, inconsistent arrays) is a ``BundleError``."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return CodeTrie.from_arrays(arrays)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable trie ({exc})") from exc
 
 
 def _load_popular(path: Path, num_items: int) -> np.ndarray:
