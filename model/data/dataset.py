@@ -44,6 +44,9 @@ class SequenceDataset:
     user_ids: list[str]
     sequences: list[np.ndarray]  # one int64 array of item indices per user, oldest first
     max_history: int = DEFAULT_MAX_HISTORY
+    # per-item identifiers that are NOT text to embed (e.g. the Amazon ASIN): kept out of item_fields
+    # so item_texts() never feeds an opaque code to the text encoder; each list aligned with item_ids
+    item_meta: dict[str, list[str]] = field(default_factory=dict)
     _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +58,11 @@ class SequenceDataset:
             if len(values) != len(self.item_ids):
                 raise ValueError(
                     f"{self.name}: item field {fname!r} has {len(values)} values for {len(self.item_ids)} items"
+                )
+        for fname, values in self.item_meta.items():
+            if len(values) != len(self.item_ids):
+                raise ValueError(
+                    f"{self.name}: item meta {fname!r} has {len(values)} values for {len(self.item_ids)} items"
                 )
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
@@ -127,3 +135,13 @@ class SequenceDataset:
             if len(part):
                 np.add.at(counts, np.asarray(part, dtype=np.int64), 1)
         return counts
+
+
+class DataFormatError(ValueError):
+    """Malformed input data; the message names the file and, where there is one, the line."""
+
+    def __init__(self, path: object, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
