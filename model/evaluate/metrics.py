@@ -56,17 +56,16 @@ def recall_ndcg(
     return out
 
 
-def invalid_item_rate(
+def invalid_item_mask(
     ranked_items: np.ndarray,
     num_items: int,
     exclude: Sequence[np.ndarray | None] | None = None,
-) -> float:
-    """Share of returned (non-empty) slots that are not a recommendable catalog item.
+) -> np.ndarray:
+    """bool ``[U, K]``: True for a returned slot that is not a recommendable catalog item.
 
     A slot is invalid when its index is outside ``[0, num_items)`` (a code path that is not an item),
     repeats an earlier item of the same list, or is in that user's ``exclude`` set (an already seen
-    item when seen items are excluded). Empty slots (``-1``) are not returned items and not counted.
-    Returns 0.0 when no slot is filled.
+    item when seen items are excluded). Empty slots (``-1``) are not returned items: never invalid.
     """
     ranked = np.asarray(ranked_items)
     if ranked.ndim != 2:
@@ -74,23 +73,35 @@ def invalid_item_rate(
     if exclude is not None and len(exclude) != ranked.shape[0]:
         raise ValueError(f"exclude has {len(exclude)} entries for {ranked.shape[0]} users")
     filled = ranked != EMPTY
-    total = int(filled.sum())
-    if total == 0:
-        return 0.0
-    bad = filled & ((ranked < 0) | (ranked >= num_items))
-    # repeats within a row: sort each row, a value equal to its left neighbour is a repeat
+    bad = (ranked < 0) | (ranked >= num_items)
+    # repeats within a row: sort each row stably, a value equal to its left neighbour is a repeat
     order = np.argsort(ranked, axis=1, kind="stable")
     srt = np.take_along_axis(ranked, order, axis=1)
-    dup_sorted = np.zeros_like(srt, dtype=bool)
+    dup_sorted = np.zeros(srt.shape, dtype=bool)
     dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
     dup = np.zeros_like(dup_sorted)
     np.put_along_axis(dup, order, dup_sorted, axis=1)
-    bad |= filled & dup
+    bad |= dup
     if exclude is not None:
         for u, ex in enumerate(exclude):
             if ex is not None and len(ex):
-                bad[u] |= filled[u] & np.isin(ranked[u], np.asarray(ex))
-    return float(bad.sum() / total)
+                bad[u] |= np.isin(ranked[u], np.asarray(ex))
+    return bad & filled
+
+
+def share_of_filled(bad: np.ndarray, ranked_items: np.ndarray) -> float:
+    """``bad`` slots as a share of the filled (non-empty) slots; 0.0 when nothing was returned."""
+    total = int((np.asarray(ranked_items) != EMPTY).sum())
+    return float(np.asarray(bad).sum() / total) if total else 0.0
+
+
+def invalid_item_rate(
+    ranked_items: np.ndarray,
+    num_items: int,
+    exclude: Sequence[np.ndarray | None] | None = None,
+) -> float:
+    """Share of returned (non-empty) slots that are invalid (see ``invalid_item_mask``)."""
+    return share_of_filled(invalid_item_mask(ranked_items, num_items, exclude), ranked_items)
 
 
 def evaluation_report(
