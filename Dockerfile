@@ -45,7 +45,7 @@ WORKDIR /home/fair
 
 # ---- train: the training extras (torch, sentence-transformers, onnx) for fair-train and fair-export ---
 # Also what the compose `bootstrap` service runs (fair-demo builds the demo bundle). Training at scale:
-# `torchrun --no-python --nproc-per-node N fair-train ...` (see deploy/k8s/training-job.yaml).
+# `torchrun --no_python --nproc_per_node N fair-train ...` (see deploy/k8s/training-job.yaml).
 FROM base AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY --from=build /wheels /wheels
