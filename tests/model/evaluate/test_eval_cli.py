@@ -1,0 +1,87 @@
+"""``fair-eval`` in-process: a hand-made run directory, the popularity baseline, and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model.data.benchmark import write_benchmark
+from model.data.synthetic import generate_synthetic
+from model.evaluate.cli import main
+from model.fair import FAIR, FAIRConfig
+from model.semantic_ids.table import SemanticIdTable
+from model.train.checkpoint import save_checkpoint
+
+KEYS = {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate", "users", "split", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def data_and_run(tmp_path_factory):
+    """A synthetic benchmark folder and a run directory laid out as fair-train writes it (untrained)."""
+    root = tmp_path_factory.mktemp("eval")
+    ds = generate_synthetic(num_items=70, num_users=90, seed=0)
+    data = write_benchmark(ds, root / "data")
+    rng = np.random.default_rng(0)
+    flat = rng.choice(8**3, size=ds.num_items, replace=False)
+    table = SemanticIdTable(ds.item_ids, np.stack([flat // 64, flat // 8 % 8, flat % 8], axis=1), 8)
+    run = root / "run"
+    table.save(run / "semantic_ids.npz")
+    cfg = FAIRConfig(num_levels=3, codebook_size=8, max_items=10, d_model=16, n_layers=1, n_heads=2)
+    torch.manual_seed(0)
+    model = FAIR(cfg)
+    ckpt = {
+        "model": model.state_dict(),
+        "model_config": cfg.to_dict(),
+        "train_config": {"max_history": 10},
+        "step": 0,
+        "sid_sha256": table.sha256(),
+        "data_fingerprint": ds.fingerprint(),
+    }
+    save_checkpoint(run / "best.pt", ckpt)
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    return ds, data, run
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_run_json_last_line(data_and_run, capsys):
+    ds, data, run = data_and_run
+    assert main(["--run", str(run), "--data", str(data), "--json", "--beam", "12", "--batch-size", "32"]) == 0
+    report = _last_json(capsys)
+    assert set(report) >= KEYS
+    assert report["split"] == "test" and report["users"] == len(ds.eval_split("test").targets)
+    assert report["invalid_rate"] == 0.0
+    assert 0.0 <= report["ndcg@5"] <= report["ndcg@10"] <= report["recall@10"] <= 1.0
+    assert report["max_history"] == 10  # taken from the run's train_config
+
+
+def test_popularity_baseline_json(data_and_run, capsys):
+    ds, data, _ = data_and_run
+    assert main(["--baseline", "popularity", "--data", str(data), "--split", "valid", "--json"]) == 0
+    report = _last_json(capsys)
+    assert set(report) >= KEYS
+    assert report["split"] == "valid" and report["users"] == len(ds.eval_split("valid").targets)
+    assert report["invalid_rate"] == 0.0
+
+
+def test_clear_errors(data_and_run, tmp_path, capsys):
+    _, data, run = data_and_run
+    assert main(["--run", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(run / "semantic_ids.npz", partial / "semantic_ids.npz")
+    assert main(["--run", str(partial), "--data", str(data)]) == 2
+    assert "best.pt: no such checkpoint" in capsys.readouterr().err
+    # data whose catalog is not the run's: the table check names both sides
+    other = write_benchmark(
+        generate_synthetic(num_items=50, num_users=40, seed=1, name="Other"), tmp_path / "o"
+    )
+    assert main(["--run", str(run), "--data", str(other), "--checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fair-eval: error: semantic-ID table does not match") and err.count("\n") == 1
