@@ -1,7 +1,9 @@
 """``fair-eval`` in-process: a hand-made run directory, the popularity baseline, and clear errors."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from model.fair import FAIR, FAIRConfig
 from model.semantic_ids.table import SemanticIdTable
 from model.train.checkpoint import save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[3]
 KEYS = {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate", "users", "split", "seconds"}
 
 
@@ -85,3 +88,18 @@ def test_clear_errors(data_and_run, tmp_path, capsys):
     assert main(["--run", str(run), "--data", str(other), "--checkpoint", "latest"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fair-eval: error: semantic-ID table does not match") and err.count("\n") == 1
+
+
+def test_noise_experiment_script_writes_one_markdown_table(data_and_run, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("noise_experiment", ROOT / "bench" / "noise_experiment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, data, run = data_and_run
+    out = tmp_path / "noise.md"
+    argv = ["--run", str(run), "--data", str(data), "--n", "1", "3", "--beam", "10", "--out", str(out)]
+    assert script.main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert [line.split("|")[2].strip() for line in lines[2:5]] == ["0", "1", "3"]
+    assert lines[2].startswith("| run (focused) |")
+    assert "noise seed 0" in lines[-1]
+    assert capsys.readouterr().out.strip() == out.read_text().strip()
