@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint run clean
+.PHONY: install test lint run tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,8 +14,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q tests
+
+# The demo: build the demo bundle on first run (reused afterwards), load its histories into the
+# embedded Redis, serve on :8000 and print a working curl example. Ctrl-C stops it.
+run: install
+	$(BIN)/fair-demo run --dir .fair/demo --port 8000
+
+# promtool + prometheus (Debian's `prometheus` package) for the monitoring checks of tests/deploy.
+# Installed only when missing; without apt-get it says so, and those checks fail with the reason.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -y -q
+tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	  echo "make tools: installing Debian's prometheus package (promtool, prometheus) for tests/deploy"; \
+	  $$sudo env $(APT_GET) install --no-install-recommends prometheus >/dev/null \
+	  || { $$sudo env $(APT_GET) update >/dev/null && $$sudo env $(APT_GET) install --no-install-recommends prometheus >/dev/null; } \
+	  || echo "make tools: WARNING: apt-get could not install prometheus; the promtool/Prometheus checks of tests/deploy will fail"; \
+	else \
+	  echo "make tools: WARNING: no promtool/prometheus and no apt-get: put Prometheus 2.x (promtool, prometheus) on PATH, or the monitoring checks of tests/deploy fail"; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .
