@@ -257,6 +257,9 @@ class FAIR(nn.Module):
         self.head_proj = nn.Parameter(torch.empty(L, D, D))
         self.head_bias = nn.Parameter(torch.zeros(L, V))
         self.head_out = None if cfg.tie_output else nn.Parameter(torch.empty(L, V, D))
+        # projection heads of the InfoNCE objective (training only; not on the export path)
+        self.mi_hist = nn.Linear(D, D)
+        self.mi_item = nn.Linear(D, D)
         self.apply(self._init)
         nn.init.normal_(self.head_proj, std=1.0 / math.sqrt(D))
         if self.head_out is not None:
@@ -288,6 +291,10 @@ class FAIR(nn.Module):
         """[L, V, D] embeddings of the real codes (MASK rows excluded)."""
         L, V = self.cfg.num_levels, self.cfg.codebook_size
         return self.code_emb.weight.view(L, V + 1, -1)[:, :V]
+
+    def item_representation(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., L] -> [..., D]: an item built from its code embeddings (mean over levels)."""
+        return self.code_embeddings(codes).mean(dim=-2)
 
     def forward(
         self,

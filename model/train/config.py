@@ -1,0 +1,164 @@
+"""Typed run configuration: ``[model]`` (-> ``FAIRConfig``) and ``[train]`` (-> ``TrainConfig``).
+
+Configs are TOML files (``configs/fair_default.toml`` documents every key with a comment) plus
+``--set section.key=value`` overrides. Every key and every value type is checked before any data is
+read or any step is taken, and an error names the file (or ``--set``) and the key, because a typo
+that silently falls back to a default wastes a whole training run.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from model.fair import FAIRConfig
+
+PERTURB_OPS = ("drop", "mask", "substitute")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and what."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, objectives and evaluation schedule (see configs/fair_default.toml for the why)."""
+
+    seed: int = 0
+    max_history: int = 20  # items of context per training window / evaluated history
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 200
+    max_steps: int = 20000  # length of the cosine schedule; training stops here at the latest
+    max_epochs: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay float32)
+    # objectives
+    robust: bool = True  # L_robust on/off
+    alpha: float = 0.1  # weight of L_robust
+    robust_attn_weight: float = 1.0  # weight of the attention-map term inside L_robust
+    perturb_rate: float = 0.2  # share of real history items that get perturbed
+    perturb_ops: list[str] = field(default_factory=lambda: list(PERTURB_OPS))
+    mi: bool = True  # L_mi on/off
+    beta: float = 0.1  # weight of L_mi
+    tau: float = 0.1  # InfoNCE temperature
+    # validation / early stopping
+    eval_every: int = 500  # steps between validations (and checkpoints)
+    eval_users: int = 3000  # validation users sampled once per run (0 = all)
+    eval_beam: int = 20
+    patience: int = 6  # validations without NDCG@10 improvement before stopping
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        bad = [op for op in self.perturb_ops if op not in PERTURB_OPS]
+        if bad:
+            raise ConfigError(f"train.perturb_ops: unknown {bad}, choose from {list(PERTURB_OPS)}")
+        if not 0.0 <= self.perturb_rate <= 1.0:
+            raise ConfigError(f"train.perturb_rate must be in [0, 1], got {self.perturb_rate}")
+        if self.tau <= 0:
+            raise ConfigError(f"train.tau must be > 0, got {self.tau}")
+        for name in ("max_history", "batch_size", "max_steps", "eval_every", "eval_beam", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_beam < 10:
+            raise ConfigError(f"train.eval_beam must be >= 10 (NDCG@10 needs 10 items), got {self.eval_beam}")
+
+
+SECTIONS: dict[str, type] = {"model": FAIRConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    model: FAIRConfig = field(default_factory=FAIRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"model": asdict(self.model), "train": asdict(self.train)}
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list,):
+        (inner,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else str(annotation)
+
+
+def _merge(raw: dict[str, dict[str, Any]], data: dict[str, Any], where: str) -> None:
+    """Check every key/type of ``data`` against the dataclasses and merge it into ``raw``."""
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {sorted(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of key = value")
+        types_ = typing.get_type_hints(SECTIONS[section])
+        types_ = {f.name: types_[f.name] for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in types_:
+                raise ConfigError(
+                    f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})"
+                )
+            if not _type_ok(value, types_[key]):
+                raise ConfigError(
+                    f"{where}: {section}.{key} must be {_type_name(types_[key])}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            raw[section][key] = float(value) if types_[key] is float else value
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """``section.key=value`` -> nested dict; the value is read as TOML (bare words become strings)."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-3")
+    path, text = item.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return {section: {key: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- TOML file (or a run dir's config.json) <- ``--set`` overrides, all type-checked."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+            ) from exc
+        _merge(raw, data, str(path))
+    for item in overrides or []:
+        _merge(raw, parse_set(item), f"--set {item}")
+    try:
+        return RunConfig(model=FAIRConfig(**raw["model"]), train=TrainConfig(**raw["train"]))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc

@@ -1,0 +1,370 @@
+"""The training loop: objectives, schedule, validation with early stopping, checkpoints, logs.
+
+``Trainer(cfg, dataset, table, out_dir, ...).fit()`` is all ``fair-train`` does after parsing. The
+run directory layout is the contract of docs/architecture.md. Every step reseeds its random streams
+from ``(seed, step, rank)``, so a resumed run draws exactly the numbers the uninterrupted run would
+have drawn, and DDP ranks draw different perturbations/dropout without any RNG state to ship.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.data.dataset import SequenceDataset
+from model.evaluate.metrics import recall_ndcg
+from model.evaluate.popularity import popularity_order
+from model.evaluate.ranking import rank_items
+from model.fair import FAIR, hash_user
+from model.semantic_ids.table import SemanticIdTable
+from model.semantic_ids.trie import CodeTrie
+from model.train.batches import collate, epoch_batches, training_windows
+from model.train.checkpoint import read_checkpoint, save_checkpoint
+from model.train.config import ConfigError, RunConfig
+from model.train.distributed import DistInfo, barrier, broadcast_floats
+from model.train.objectives import mutual_info_loss, next_item_loss, robust_loss
+from model.train.perturb import perturb_history
+from model.train.plots import plot_curves
+
+METRIC = "ndcg@10"
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_compatible(cfg: RunConfig, dataset: SequenceDataset, table: SemanticIdTable) -> RunConfig:
+    """Fail before training on a table for another catalog; take L and V from the table."""
+    table.check_catalog(dataset.item_ids, what=f"dataset {dataset.name!r}")
+    if cfg.train.max_history > cfg.model.max_items:
+        raise ConfigError(
+            f"train.max_history={cfg.train.max_history} exceeds model.max_items={cfg.model.max_items}"
+        )
+    model = replace(cfg.model, num_levels=table.code_length, codebook_size=table.codebook_size)
+    return RunConfig(model=model, train=cfg.train)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dataset: SequenceDataset,
+        table: SemanticIdTable,
+        out_dir: str | Path,
+        device: str = "cpu",
+        max_minutes: float | None = None,
+        resume: bool = False,
+        dist: DistInfo | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.dist = dist or DistInfo()
+        self.cfg = check_compatible(cfg, dataset, table)
+        self.dataset = dataset
+        self.dataset.max_history = self.cfg.train.max_history
+        self.table = table
+        self.trie = CodeTrie.from_codes(table.codes, table.codebook_size)
+        self.out = Path(out_dir)
+        self.device = device
+        self.max_minutes = max_minutes
+        self.progress = progress and self.dist.is_main
+        t = self.cfg.train
+        self.item_codes = table.codes
+        self.item_codes_t = torch.from_numpy(table.codes).to(device)
+        self.windows = training_windows(dataset, t.max_history)
+        if not self.windows.seq:
+            raise ValueError(f"dataset {dataset.name!r} has no user with a training target (>= 4 items)")
+        self.user_buckets = (
+            np.array([hash_user(u, self.cfg.model.user_buckets) for u in dataset.user_ids], dtype=np.int64)
+            if self.cfg.model.user_buckets > 0
+            else None
+        )
+        # validation users: one fixed sample per run, so successive validations are comparable
+        split = dataset.eval_split("valid")
+        keep = np.flatnonzero([len(h) > 0 for h in split.histories])
+        if t.eval_users and len(keep) > t.eval_users:
+            keep = np.sort(np.random.default_rng(t.seed).choice(keep, t.eval_users, replace=False))
+        self.valid_users = split.users[keep]
+        self.valid_hist = [split.histories[i] for i in keep]
+        self.valid_targets = split.targets[keep]
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = FAIR(self.cfg.model).to(device)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=None if device == "cpu" else [self.dist.local_rank],
+                # the InfoNCE heads take no gradient when L_mi is switched off
+                find_unused_parameters=not (t.mi and t.beta > 0),
+            )
+            if self.dist.enabled
+            else None
+        )
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=tuple(t.betas),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_metric = -1.0
+        self.bad_evals = 0
+        self.sid_sha256 = table.sha256()
+        self.fingerprint = dataset.fingerprint()
+        if resume:
+            self._restore()
+        elif self.dist.is_main:
+            self._prepare_run_dir()
+        barrier(self.dist)
+
+    # ---- run directory ---------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / "checkpoint.pt").exists():
+            raise FileExistsError(
+                f"{self.out}: already holds a run; use --resume {self.out} or another --out"
+            )
+        self.cfg.save_json(self.out / "config.json")
+        self.table.save(self.out / "semantic_ids.npz")
+        popular = popularity_order(self.dataset.item_popularity(exclude_last=2))
+        np.save(self.out / "popular.npy", popular.astype(np.int64))
+        (self.out / "log.jsonl").write_text("")
+
+    def _restore(self) -> None:
+        ckpt = read_checkpoint(self.out / "checkpoint.pt")
+        if ckpt["sid_sha256"] != self.sid_sha256:
+            raise ValueError(f"{self.out}: --resume with another semantic-ID table than the run used")
+        if ckpt["data_fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.out}: --resume with other data than the run used")
+        if (
+            ckpt["model_config"] != self.cfg.to_dict()["model"]
+            or ckpt["train_config"] != self.cfg.to_dict()["train"]
+        ):
+            raise ValueError(f"{self.out}: --resume with another config than the run's config.json")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.batch_in_epoch = ckpt["rng"]["batch_in_epoch"]
+        self.best_metric = ckpt["best_metric"]
+        self.bad_evals = ckpt["rng"]["bad_evals"]
+
+    def _checkpoint(self) -> dict[str, Any]:
+        cfg = self.cfg.to_dict()
+        return {
+            "model": self.model.state_dict(),
+            "model_config": cfg["model"],
+            "train_config": cfg["train"],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_metric": self.best_metric,
+            "sid_sha256": self.sid_sha256,
+            "data_fingerprint": self.fingerprint,
+            # every random stream is reseeded from (seed, step, rank): the position in the epoch's
+            # batch order and the early-stopping counter are all the state a resume needs
+            "rng": {
+                "seed": self.cfg.train.seed,
+                "batch_in_epoch": self.batch_in_epoch,
+                "bad_evals": self.bad_evals,
+            },
+        }
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- one optimisation step -------------------------------------------------------------------
+    def _seed_step(self) -> torch.Generator:
+        base = (self.cfg.train.seed * 1_000_003 + self.step) * 64 + self.dist.rank
+        torch.manual_seed(base)  # dropout
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(base + 7)
+        return gen
+
+    def losses(self, batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch; ``total`` is what gets back-propagated."""
+        t = self.cfg.train
+        net = self.ddp or self.model
+        valid = batch.valid
+        users = (
+            torch.from_numpy(self.user_buckets[batch.users.cpu().numpy()]).to(self.device)
+            if self.user_buckets is not None
+            else None
+        )
+        use_robust = t.robust and t.alpha > 0
+        want_attn = use_robust and t.robust_attn_weight > 0
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=t.bf16):
+            clean = net(batch.codes, batch.item_mask, return_attn=want_attn, user_buckets=users)
+            out = {"next": next_item_loss(clean.logits, batch.target_codes, valid)}
+            total = out["next"]
+            if use_robust:
+                p = perturb_history(
+                    batch.codes, batch.item_mask, self.item_codes_t, self.model.mask_code,
+                    t.perturb_rate, t.perturb_ops, gen,
+                )  # fmt: skip
+                pert = net(p.codes, p.item_mask, return_attn=want_attn, user_buckets=users)
+                pred, attn = robust_loss(clean, pert, p.kept & valid, t.robust_attn_weight)
+                out["robust"] = pred + t.robust_attn_weight * attn
+                out["robust_attn"] = attn
+                total = total + t.alpha * out["robust"]
+            if t.mi and t.beta > 0:
+                out["mi"] = mutual_info_loss(
+                    self.model, clean.history, batch.target_codes, batch.target_items, valid, t.tau
+                )
+                total = total + t.beta * out["mi"]
+        out["loss"] = total
+        return out
+
+    # ---- validation ------------------------------------------------------------------------------
+    def evaluate(self, histories, targets, users=None, progress: bool = False) -> dict[str, float]:
+        items, _ = rank_items(
+            self.model,
+            self.table,
+            self.trie,
+            histories,
+            beam_size=self.cfg.train.eval_beam,
+            k=10,
+            device=self.device,
+            max_history=self.cfg.train.max_history,
+            user_buckets=None if self.user_buckets is None else self.user_buckets[users],
+            progress=progress,
+        )
+        return recall_ndcg(items, targets, ks=(5, 10))
+
+    def _validate(self) -> dict[str, float]:
+        return self.evaluate(self.valid_hist, self.valid_targets, self.valid_users)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train until max_steps / max_epochs / early stop / --max-minutes / ``stop_at_step``."""
+        t = self.cfg.train
+        start = time.monotonic()
+        net = self.ddp or self.model
+        net.train()
+        stop_reason = None
+        bar = tqdm(
+            total=t.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        )
+        seqs, tick = 0, time.monotonic()
+        while stop_reason is None:
+            if self.epoch >= t.max_epochs:
+                stop_reason = "max_epochs"
+                break
+            batches = epoch_batches(self.windows, t.batch_size, t.seed, self.epoch, self.dist.world_size)
+            mine = batches[self.dist.rank :: self.dist.world_size]
+            while self.batch_in_epoch < len(mine):
+                batch = collate(self.windows, mine[self.batch_in_epoch], self.item_codes).to(self.device)
+                terms = self.losses(batch, self._seed_step())
+                self.optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                seqs += batch.codes.size(0) * self.dist.world_size
+                if self.step % t.log_every == 0:
+                    now = time.monotonic()
+                    rec = {k: round(v.item(), 5) for k, v in terms.items()}
+                    rec.update(
+                        kind="train", step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                        grad_norm=round(float(gnorm), 4), seq_per_s=round(seqs / (now - tick), 1),
+                    )  # fmt: skip
+                    seqs, tick = 0, now
+                    self._log(rec)
+                    bar.set_postfix(
+                        {k: rec[k] for k in ("loss", "next", "robust", "mi", "seq_per_s") if k in rec}
+                    )
+                bar.update(1)
+                over_time = self.max_minutes is not None and time.monotonic() - start > 60 * self.max_minutes
+                over_time = bool(broadcast_floats([float(over_time)], self.dist)[0])
+                if (
+                    self.step % t.eval_every == 0
+                    or self.step >= t.max_steps
+                    or over_time
+                    or self.step == stop_at_step
+                ):
+                    if self._validate_and_save() >= t.patience:
+                        stop_reason = "early_stopping"
+                    elif self.step >= t.max_steps:
+                        stop_reason = "max_steps"
+                    elif over_time:
+                        stop_reason = "max_minutes"
+                    elif self.step == stop_at_step:
+                        stop_reason = "stop_at_step"
+                    net.train()
+                    if stop_reason:
+                        break
+            if stop_reason is None:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        bar.close()
+        summary = {"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": stop_reason,
+                   "best_" + METRIC: self.best_metric, "minutes": round((time.monotonic() - start) / 60, 2)}  # fmt: skip
+        self._log(summary)
+        if self.dist.is_main:
+            plot_curves(self.out / "log.jsonl", self.out / "curves.png")
+        barrier(self.dist)
+        return summary
+
+    def _validate_and_save(self) -> int:
+        """Validate on rank 0, keep best.pt, write checkpoint.pt; returns the no-improvement count."""
+        if self.dist.is_main:
+            metrics = self._validate()
+            improved = metrics[METRIC] > self.best_metric
+            if improved:
+                self.best_metric = metrics[METRIC]
+                self.bad_evals = 0
+            else:
+                self.bad_evals += 1
+            self._log({"kind": "valid", "step": self.step, "epoch": self.epoch, **metrics})
+            ckpt = self._checkpoint()
+            save_checkpoint(self.out / "checkpoint.pt", ckpt)
+            if improved:
+                shutil.copyfile(self.out / "checkpoint.pt", self.out / ".best.pt.tmp")
+                (self.out / ".best.pt.tmp").replace(self.out / "best.pt")
+        self.best_metric, bad = broadcast_floats([self.best_metric, float(self.bad_evals)], self.dist)
+        self.bad_evals = int(bad)
+        return self.bad_evals
+
+    # ---- final metrics ---------------------------------------------------------------------------
+    def final_metrics(self) -> dict[str, Any]:
+        """Valid and test metrics of best.pt on ALL users, written to metrics.json (rank 0 only)."""
+        if not self.dist.is_main:
+            return {}
+        best = read_checkpoint(self.out / "best.pt")
+        self.model.load_state_dict(best["model"])
+        result: dict[str, Any] = {"step": best["step"]}
+        for name in ("valid", "test"):
+            split = self.dataset.eval_split(name)
+            keep = [i for i, h in enumerate(split.histories) if len(h) > 0]
+            hist = [split.histories[i] for i in keep]
+            result[name] = self.evaluate(hist, split.targets[keep], split.users[keep], progress=self.progress)
+            result[name]["users"] = len(keep)
+        tmp = self.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(self.out / "metrics.json")
+        return result
