@@ -1,0 +1,481 @@
+"""The FastAPI application: routes, lifespan (Redis, model, batcher), middleware and hot reload.
+
+``create_app(settings)`` builds a fresh app (tests build several); ``fair-serve`` runs it under
+uvicorn, as a factory so every worker process builds its own. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from export.bundle import MANIFEST_FILE, list_versions
+from service import errors, metrics
+from service.batcher import Batcher, BatcherClosed, Job, QueueFull
+from service.engine import Engine, load_engine
+from service.errors import ServiceError, unavailable
+from service.redis_store import EmbeddedRedis, HistoryStore, StoreUnavailable, async_client
+from service.schemas import (
+    EventsRequest,
+    EventsResponse,
+    HealthResponse,
+    HistoryResponse,
+    ModelResponse,
+    ReadyResponse,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+    ReloadResponse,
+    error_responses,
+)
+from service.settings import Settings
+
+log = logging.getLogger("fair.app")
+
+UserIdPath = Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: HistoryStore | None = None
+    embedded: EmbeddedRedis | None = None
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    poll_task: asyncio.Task | None = None
+    failed_versions: set[int] = field(default_factory=set)
+
+    @property
+    def model_dir(self) -> Path | None:
+        """``BUNDLE_ROOT/NAME``: where new versions appear (the parent of a pinned version dir)."""
+        b = self.settings.bundle
+        if b is None:
+            return None
+        return b.parent if (b / MANIFEST_FILE).is_file() else b
+
+    @property
+    def pinned(self) -> bool:
+        b = self.settings.bundle
+        return b is not None and (b / MANIFEST_FILE).is_file()
+
+
+# ---- model loading ----------------------------------------------------------------------------------
+def _load_and_warm(state: AppState, path: Path, version: int | None) -> Engine:
+    s = state.settings
+    engine = load_engine(
+        path,
+        version,
+        providers=s.providers,
+        intra_op_threads=s.intra_op_threads,
+        inter_op_threads=s.inter_op_threads,
+        allow_spinning=s.allow_spinning,
+        verify=s.verify_bundle,
+    )
+    took = engine.warm_up(s.max_batch_size, s.default_beam_size, s.default_k)
+    log.info("warmed up %s v%d in %.2fs", engine.name, engine.version, took)
+    return engine
+
+
+def _swap(state: AppState, engine: Engine) -> Engine | None:
+    """Atomic for the event loop: new requests see the new engine; queued jobs keep their own."""
+    old = state.engine
+    previous = (old.name, str(old.version), old.provider) if old is not None else None
+    state.engine = engine
+    metrics.set_model_info(engine.name, engine.version, engine.provider, previous)
+    return old
+
+
+async def reload_model(state: AppState, version: int | None) -> tuple[Engine, Engine | None]:
+    """Load + verify + warm a version off the event loop, then swap; on any failure keep the old one."""
+    model_dir = state.model_dir
+    if model_dir is None:
+        raise ServiceError(409, "reload_failed", "no bundle configured (FAIR_BUNDLE)")
+    async with state.reload_lock:
+        if version is not None and version not in list_versions(model_dir):
+            raise ServiceError(404, "bundle_not_found", f"{model_dir}: no version {version}")
+        current = state.engine
+        target = version if version is not None else (list_versions(model_dir) or [None])[-1]
+        if current is not None and target == current.version and current.bundle.dir.parent == model_dir:
+            return current, current
+        try:
+            engine = await asyncio.to_thread(_load_and_warm, state, model_dir, version)
+        except Exception as exc:
+            log.error("reload of %s (version %s) failed: %s", model_dir, version or "newest", exc)
+            raise ServiceError(409, "reload_failed", f"{type(exc).__name__}: {exc}") from exc
+        old = _swap(state, engine)
+        log.info("now serving %s v%d (was v%s)", engine.name, engine.version, old.version if old else None)
+        return engine, old
+
+
+async def _poll_bundles(state: AppState) -> None:
+    """Reload when a newer version appears under BUNDLE_ROOT/NAME (unless a version is pinned)."""
+    while True:
+        await asyncio.sleep(state.settings.bundle_poll_s)
+        model_dir = state.model_dir
+        versions = list_versions(model_dir) if model_dir else []
+        if not versions or state.engine is None:
+            continue
+        newest = versions[-1]
+        if newest > state.engine.version and newest not in state.failed_versions:
+            try:
+                await reload_model(state, newest)
+            except ServiceError as exc:
+                state.failed_versions.add(newest)  # don't retry a broken version every poll
+                log.error("poll: version %d not loaded: %s", newest, exc.message)
+
+
+# ---- lifespan -----------------------------------------------------------------------------------------
+def _lifespan(state: AppState):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = state.settings
+        metrics.init_series()
+        url = s.redis_url
+        if url is None:
+            state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
+            url = state.embedded.url
+        state.store = HistoryStore(
+            async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0),
+            prefix=s.history_key_prefix,
+            max_items=s.history_max_items,
+        )
+        state.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.queue_size)
+        try:
+            if s.bundle is not None:
+                _swap(state, await asyncio.to_thread(_load_and_warm, state, s.bundle, None))
+            else:
+                log.warning("no bundle configured (FAIR_BUNDLE): /recommend answers 503 until a reload")
+            if s.bundle_poll_s > 0 and not state.pinned and s.bundle is not None:
+                state.poll_task = asyncio.create_task(_poll_bundles(state))
+            yield
+        finally:
+            if state.poll_task is not None:
+                state.poll_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.poll_task
+            # Graceful shutdown: uvicorn has stopped accepting and waited for open requests; finish
+            # whatever is still queued, then release Redis.
+            await asyncio.to_thread(state.batcher.close)
+            await state.store.close()
+            if state.embedded is not None:
+                await asyncio.to_thread(state.embedded.stop)
+
+    return lifespan
+
+
+# ---- middleware -------------------------------------------------------------------------------------
+class RequestMiddleware:
+    """Request-duration metrics by route template + status, and the request-body size limit (413).
+
+    Pure ASGI (no BaseHTTPMiddleware): no extra task per request, and the body is counted as it
+    streams, so a chunked upload without Content-Length is cut off at the limit too.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, routes_of: FastAPI):
+        self.app, self.max_body_bytes, self.routes_of = app, max_body_bytes, routes_of
+
+    def _route(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", "unmatched")
+        for r in self.routes_of.router.routes:  # not routed yet (early 413): match it ourselves
+            if r.matches(scope)[0] == Match.FULL:
+                return getattr(r, "path", "unmatched")
+        return "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        limit = self.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                metrics.REQUESTS_REJECTED.labels(reason="body_too_large").inc()
+                resp = errors.error_response(
+                    413, "body_too_large", f"request body of {int(length)} bytes exceeds {limit} bytes"
+                )
+                await resp(scope, receive, send_wrapper)
+                return
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        metrics.REQUESTS_REJECTED.labels(reason="body_too_large").inc()
+                        raise HTTPException(413, f"request body exceeds {limit} bytes")
+                return message
+
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            metrics.REQUEST_DURATION.labels(route=self._route(scope), status=str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings=settings)
+    app = FastAPI(
+        title="FAIR recommendation service",
+        version="1",
+        description="Generative recommendation with FAIR: Redis histories -> ONNX Runtime -> constrained beam search.",
+        lifespan=_lifespan(state),
+    )
+    app.state.fair = state
+    errors.install(app)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, routes_of=app)
+    timeout_s = settings.request_timeout_ms / 1000.0
+
+    def require_store() -> HistoryStore:
+        assert state.store is not None, "lifespan not started"
+        return state.store
+
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=error_responses(413, 422, 429, 500, 503, 504),
+        summary="Top-k items for a user (Redis history) or for a given history",
+    )
+    async def recommend(body: RecommendRequest, response: Response) -> RecommendResponse:
+        t_start = time.perf_counter()
+        engine = state.engine
+        if engine is None:
+            metrics.REQUESTS_REJECTED.labels(reason="no_model").inc()
+            raise unavailable("no_model", "no model loaded yet")
+        timing: dict[str, float] = {}
+        try:
+            async with asyncio.timeout(timeout_s):
+                if body.history is not None:
+                    raw = body.history
+                else:
+                    t0 = time.perf_counter()
+                    try:
+                        raw = await require_store().get(body.user_id)
+                    except StoreUnavailable as exc:
+                        metrics.REQUESTS_REJECTED.labels(reason="redis_unavailable").inc()
+                        raise unavailable("redis_unavailable", str(exc)) from exc
+                    timing["redis"] = time.perf_counter() - t0
+                    metrics.STAGE_DURATION.labels(stage="redis").observe(timing["redis"])
+                index = engine.item_index
+                known = [index[i] for i in raw if i in index]
+                if len(known) < len(raw):
+                    metrics.UNKNOWN_ITEMS.inc(len(raw) - len(known))
+                seen = np.unique(np.asarray(known, dtype=np.int64)) if known else None
+                exclude = seen if body.exclude_seen else None
+                if not known:
+                    reason = "unknown_user" if not raw else "no_known_items"
+                    metrics.FALLBACK.labels(reason=reason).inc()
+                    items = _popular(engine, body.k, exclude)
+                    fallback = "popular"
+                else:
+                    job = Job(
+                        engine=engine,
+                        user_id=body.user_id,
+                        history=np.asarray(known, dtype=np.int64),
+                        exclude=exclude,
+                        k=body.k,
+                        beam_size=body.beam_size or settings.default_beam_size,
+                        future=asyncio.get_running_loop().create_future(),
+                        loop=asyncio.get_running_loop(),
+                    )
+                    try:
+                        result = await state.batcher.submit(job)
+                    except QueueFull as exc:
+                        metrics.REQUESTS_REJECTED.labels(reason="queue_full").inc()
+                        raise ServiceError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from exc
+                    except BatcherClosed as exc:
+                        raise unavailable("shutting_down", str(exc)) from exc
+                    metrics.STAGE_DURATION.labels(stage="queue_wait").observe(job.queue_wait)
+                    timing.update(
+                        queue_wait=job.queue_wait, inference=job.inference, beam_search=job.beam_search
+                    )
+                    items = _items(engine, result.items, result.scores)
+                    fallback = None
+        except TimeoutError as exc:
+            metrics.REQUESTS_REJECTED.labels(reason="timeout").inc()
+            raise ServiceError(
+                504, "timeout", f"no answer within {settings.request_timeout_ms:g} ms"
+            ) from exc
+        timing["total"] = time.perf_counter() - t_start
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
+        return RecommendResponse(
+            user_id=body.user_id, model_version=engine.version, items=items, fallback=fallback
+        )
+
+    @app.post(
+        "/users/{user_id}/events",
+        response_model=EventsResponse,
+        responses=error_responses(413, 422, 500, 503, 504),
+        summary="Append items to a user's history (append + trim in one transaction)",
+    )
+    async def add_events(user_id: UserIdPath, body: EventsRequest) -> EventsResponse:
+        length = await _redis_call(require_store().append(user_id, body.item_ids), timeout_s)
+        return EventsResponse(user_id=user_id, history_length=length)
+
+    @app.get(
+        "/users/{user_id}/history",
+        response_model=HistoryResponse,
+        responses=error_responses(422, 500, 503, 504),
+        summary="A user's stored history, oldest first",
+    )
+    async def get_history(user_id: UserIdPath) -> HistoryResponse:
+        items = await _redis_call(require_store().get(user_id), timeout_s)
+        return HistoryResponse(user_id=user_id, item_ids=items)
+
+    @app.get(
+        "/healthz", response_model=HealthResponse, responses=error_responses(500), summary="Process alive"
+    )
+    async def healthz() -> HealthResponse:
+        return HealthResponse()
+
+    @app.get(
+        "/readyz",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "not ready (Retry-After set)"}, 500: {}},
+        summary="Model loaded and warmed up, Redis answering",
+    )
+    async def readyz() -> JSONResponse:
+        try:
+            async with asyncio.timeout(settings.redis_timeout_ms / 1000.0 * 2):
+                redis_ok = await require_store().ping()
+        except TimeoutError:
+            redis_ok = False
+        checks = {"model": state.engine is not None, "redis": redis_ok}
+        ready = all(checks.values())
+        return JSONResponse(
+            {"ready": ready, "checks": checks},
+            status_code=200 if ready else 503,
+            headers=None if ready else {"Retry-After": str(errors.RETRY_AFTER_S)},
+        )
+
+    @app.get(
+        "/metrics",
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}, 500: {}},
+        summary="Prometheus metrics (all workers in multiprocess mode)",
+    )
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get(
+        "/model",
+        response_model=ModelResponse,
+        responses=error_responses(500, 503),
+        summary="The bundle being served",
+    )
+    async def model_info() -> ModelResponse:
+        engine = state.engine
+        if engine is None:
+            raise unavailable("no_model", "no model loaded yet")
+        return _model_summary(engine)
+
+    if settings.admin_token is not None:
+        app.include_router(_admin_router(state))
+    return app
+
+
+def _admin_router(state: AppState) -> APIRouter:
+    token = state.settings.admin_token.get_secret_value().encode()
+
+    def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise ServiceError(
+                401, "unauthorized", "admin routes need Authorization: Bearer <FAIR_ADMIN_TOKEN>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(check_token)])
+
+    @router.post(
+        "/reload",
+        response_model=ReloadResponse,
+        responses=error_responses(401, 404, 409, 413, 422, 500),
+        summary="Load, verify and warm a bundle version, then swap it in atomically",
+    )
+    async def reload(body: ReloadRequest | None = None) -> ReloadResponse:
+        version = body.version if body is not None else None
+        engine, old = await reload_model(state, version)
+        return ReloadResponse(
+            name=engine.name,
+            version=engine.version,
+            previous_version=old.version if old is not None else None,
+            provider=engine.provider,
+            changed=old is not engine,
+        )
+
+    return router
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+async def _redis_call(coro, timeout_s: float):
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await coro
+    except StoreUnavailable as exc:
+        metrics.REQUESTS_REJECTED.labels(reason="redis_unavailable").inc()
+        raise unavailable("redis_unavailable", str(exc)) from exc
+    except TimeoutError as exc:
+        metrics.REQUESTS_REJECTED.labels(reason="timeout").inc()
+        raise ServiceError(504, "timeout", "redis did not answer in time") from exc
+
+
+def _items(engine: Engine, items: np.ndarray, scores: np.ndarray | None) -> list[RecommendedItem]:
+    table = engine.bundle.table
+    return [
+        RecommendedItem(
+            item_id=table.item_ids[int(i)],
+            score=None if scores is None else float(scores[r]),
+            semantic_id=table.codes[int(i)].tolist(),
+        )
+        for r, i in enumerate(items)
+    ]
+
+
+def _popular(engine: Engine, k: int, exclude: np.ndarray | None) -> list[RecommendedItem]:
+    popular = engine.bundle.popular
+    if exclude is not None and exclude.size:
+        popular = popular[~np.isin(popular, exclude)]
+    return _items(engine, popular[:k], None)
+
+
+def _model_summary(engine: Engine) -> ModelResponse:
+    manifest = {k: v for k, v in engine.bundle.manifest.items() if k != "files"}
+    return ModelResponse(
+        name=engine.name,
+        version=engine.version,
+        provider=engine.provider,
+        path=str(engine.bundle.dir),
+        loaded_at=engine.loaded_at,
+        manifest=manifest,
+    )

@@ -1,0 +1,191 @@
+"""Dynamic micro-batching: many concurrent requests -> one forward pass + one vectorized beam search.
+
+Requests go into a bounded queue (full -> the caller gets ``QueueFull`` -> 429). One worker thread
+takes the first waiting job, then whatever else arrives within ``max_wait_ms`` up to
+``max_batch_size``, runs the batch and hands each result back to the event loop through
+``call_soon_threadsafe`` on the job's asyncio future, so the loop itself never runs or waits on
+inference. ONNX Runtime and numpy release the GIL during the heavy parts, so the loop keeps serving
+I/O meanwhile.
+
+Every job carries the ``Engine`` it was admitted with: a reload swaps the engine for new requests,
+while jobs already queued finish on the one their request started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+from service.engine import Engine
+
+log = logging.getLogger("fair.batcher")
+
+
+class QueueFull(RuntimeError):
+    """The inference queue is at capacity: shed load (429) rather than queue unboundedly."""
+
+
+class BatcherClosed(RuntimeError):
+    """The service is shutting down and takes no new inference work."""
+
+
+@dataclass
+class Job:
+    engine: Engine
+    user_id: str
+    history: np.ndarray  # int64 item indices, oldest first, non-empty
+    exclude: np.ndarray | None
+    k: int
+    beam_size: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+    # filled in by the worker
+    queue_wait: float = 0.0
+    inference: float = 0.0
+    beam_search: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class JobResult:
+    items: np.ndarray  # [<= k] int64 item indices, best first
+    scores: np.ndarray  # [<= k] float32
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(self, max_batch_size: int = 32, max_wait_ms: float = 1.0, queue_size: int = 512):
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fair-inference", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side ----
+    def submit(self, job: Job) -> asyncio.Future:
+        """Enqueue without blocking; raises ``QueueFull`` or ``BatcherClosed``."""
+        if self._closed:
+            raise BatcherClosed("service is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"inference queue full ({self._queue.maxsize} waiting)") from None
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return job.future
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop taking jobs, finish every job already queued, then stop the worker (blocking)."""
+        self._closed = True
+        try:
+            self._queue.put(_STOP, timeout=timeout_s)
+        except queue.Full:
+            log.error("inference queue did not drain within %.0fs", timeout_s)
+            return
+        self._thread.join(timeout_s)
+
+    # ---- worker side ----
+    def _next_batch(self) -> tuple[list[Job], bool]:
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch, stop = [first], False
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                stop = True
+                break
+            batch.append(job)
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._next_batch()
+            if batch:
+                try:
+                    self._process(batch)
+                except BaseException as exc:  # never let the worker die: fail the batch instead
+                    log.exception("inference batch failed")
+                    for job in batch:
+                        _deliver(job, exc=exc)
+            if stop:
+                return
+
+    def _process(self, batch: list[Job]) -> None:
+        start = time.perf_counter()
+        live = [j for j in batch if not j.future.cancelled()]  # timed-out requests: skip the work
+        if not live:
+            return
+        metrics.BATCH_SIZE.observe(len(live))
+        by_engine: dict[int, list[Job]] = defaultdict(list)
+        for job in live:
+            job.queue_wait = start - job.enqueued
+            job.batch_size = len(live)
+            by_engine[id(job.engine)].append(job)
+        for jobs in by_engine.values():
+            self._run_engine(jobs[0].engine, jobs)
+
+    @staticmethod
+    def _run_engine(engine: Engine, jobs: list[Job]) -> None:
+        try:
+            t0 = time.perf_counter()
+            log_probs = engine.forward([j.history for j in jobs])
+            t1 = time.perf_counter()
+            metrics.STAGE_DURATION.labels(stage="inference").observe(t1 - t0)
+            # The beam width depends on k, so requests are searched in (beam, k) groups; nearly all
+            # traffic uses the defaults, i.e. one group.
+            groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, job in enumerate(jobs):
+                groups[(job.beam_size, job.k)].append(i)
+            results: dict[int, JobResult] = {}
+            for (beam, k), rows in groups.items():
+                items, scores = engine.search(log_probs[rows], beam, k, [jobs[i].exclude for i in rows])
+                for r, i in enumerate(rows):
+                    keep = items[r] >= 0
+                    results[i] = JobResult(items=items[r][keep], scores=scores[r][keep])
+            t2 = time.perf_counter()
+            metrics.STAGE_DURATION.labels(stage="beam_search").observe(t2 - t1)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(jobs))
+            for job in jobs:
+                _deliver(job, exc=exc)
+            return
+        for i, job in enumerate(jobs):
+            job.inference, job.beam_search = t1 - t0, t2 - t1
+            _deliver(job, result=results[i])
+
+
+def _deliver(job: Job, result: JobResult | None = None, exc: BaseException | None = None) -> None:
+    def _set() -> None:
+        if job.future.done():  # cancelled by a timeout meanwhile
+            return
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    # RuntimeError: the loop is closed (process exiting), so nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(_set)

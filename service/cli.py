@@ -1,0 +1,125 @@
+"""``fair-serve``: run the recommendation service under uvicorn.
+
+Every ``Settings`` field is a flag (``--max-batch-size 64``) and an environment variable
+(``FAIR_MAX_BATCH_SIZE=64``); flags win. The flags are exported into the environment before uvicorn
+starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN`` is
+environment-only, so the secret never shows up in ``ps``.
+
+With no ``FAIR_REDIS_URL`` the embedded Redis is started here, once, and its socket URL handed to
+every worker. With ``--workers > 1`` Prometheus multiprocess mode is switched on (a temporary
+``PROMETHEUS_MULTIPROC_DIR`` unless one is set) so ``/metrics`` adds up all workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+ENV_ONLY = {"admin_token"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fair-serve",
+        description="Serve FAIR recommendations over HTTP (FastAPI + Redis + ONNX Runtime). "
+        "Every flag is also the environment variable FAIR_<FLAG> (e.g. --max-wait-ms = FAIR_MAX_WAIT_MS); "
+        "the admin token is FAIR_ADMIN_TOKEN only.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, info in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        default = info.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{info.description or name} [env FAIR_{name.upper()}; default {shown}]",
+        )
+    return parser
+
+
+def _env_value(name: str, value: str) -> str:
+    """CLI strings -> what pydantic-settings parses from the environment (lists are JSON there)."""
+    if name == "providers" and not value.lstrip().startswith("["):
+        import json
+
+        return json.dumps([p.strip() for p in value.split(",") if p.strip()])
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: _env_value(k, v) for k, v in vars(args).items() if v is not None}
+    for name, value in overrides.items():
+        os.environ[f"FAIR_{name.upper()}"] = value
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        print(
+            f"fair-serve: invalid setting {_flag(field)} / FAIR_{field.upper()}: {err['msg']}",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.bundle is not None and not settings.bundle.exists():
+        print(f"fair-serve: --bundle {settings.bundle}: no such directory", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    import uvicorn  # after the environment is final
+
+    from service.redis_store import EmbeddedRedis
+
+    embedded = None
+    mp_dir = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir).start()
+            os.environ["FAIR_REDIS_URL"] = embedded.url
+            print(
+                f"fair-serve: embedded Redis at {embedded.url}, data in {embedded.data_dir}", file=sys.stderr
+            )
+        if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            mp_dir = tempfile.mkdtemp(prefix="fair-prom-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level.lower(),
+            access_log=False,  # per-request logs cost more than the request; metrics cover it
+            timeout_graceful_shutdown=30,
+        )
+    except RuntimeError as exc:
+        print(f"fair-serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if mp_dir is not None:
+            shutil.rmtree(mp_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""A loaded bundle ready to serve: one onnxruntime session + the catalog, trie and popular list.
+
+The provider list is a preference (CUDA, then CPU); onnxruntime silently drops providers it cannot
+use, so we read back what the session actually runs on, log it, and expose it (``/model``,
+``fair_model_info``). Spinning is off by default: with several sessions/processes on shared cores,
+busy-waiting threads steal the CPU the other workers need (it cost 2x here).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.bundle import LoadedBundle, load_bundle
+from model.search.beam import constrained_beam_search
+from model.search.inputs import histories_to_inputs
+
+log = logging.getLogger("fair.engine")
+
+
+def session_options(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = "1" if allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return opts
+
+
+@dataclass
+class Engine:
+    """Everything one model version needs to answer a batch; immutable once built (swapped whole)."""
+
+    bundle: LoadedBundle
+    session: ort.InferenceSession
+    provider: str
+    max_history: int
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> int:
+        return self.bundle.version
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        return self.bundle.table.index_of()
+
+    def forward(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Histories of item indices (oldest first, non-empty) -> log_probs ``[B, L, V]`` float32."""
+        codes, item_mask = histories_to_inputs(histories, self.bundle.table.codes, self.max_history)
+        (log_probs,) = self.session.run(["log_probs"], {"codes": codes, "item_mask": item_mask})
+        return log_probs
+
+    def search(
+        self, log_probs: np.ndarray, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Constrained beam search for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded."""
+        result = constrained_beam_search(log_probs, self.bundle.trie, beam_size, k, exclude)
+        return result.items, result.scores
+
+    def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:
+        """Run the largest and smallest shapes once so the first real request pays no allocation cost."""
+        t0 = time.perf_counter()
+        n = min(self.bundle.table.num_items, self.max_history)
+        full = np.arange(n, dtype=np.int64)
+        for batch in sorted({1, max_batch_size}):
+            lp = self.forward([full] * batch)
+            self.search(lp, beam_size, k, [full] * batch)
+        return time.perf_counter() - t0
+
+
+def load_engine(
+    path: str | Path,
+    version: int | None = None,
+    *,
+    providers: Sequence[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+    allow_spinning: bool = False,
+    verify: bool = True,
+) -> Engine:
+    """Load, verify and open a bundle (``BUNDLE_ROOT/NAME[/VERSION]``); raises ``BundleError``/ORT errors."""
+    bundle = load_bundle(path, verify=verify, version=version)
+    available = set(ort.get_available_providers())
+    wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    session = ort.InferenceSession(
+        str(bundle.model_path),
+        sess_options=session_options(intra_op_threads, inter_op_threads, allow_spinning),
+        providers=wanted,
+    )
+    names = {i.name for i in session.get_inputs()}
+    missing = {"codes", "item_mask"} - names
+    if missing or "log_probs" not in {o.name for o in session.get_outputs()}:
+        raise ValueError(
+            f"{bundle.model_path}: model inputs {sorted(names)} / outputs "
+            f"{[o.name for o in session.get_outputs()]} do not match codes, item_mask -> log_probs"
+        )
+    provider = session.get_providers()[0]
+    if wanted[0] != provider:
+        log.warning("asked for %s, onnxruntime runs %s", wanted[0], provider)
+    log.info(
+        "loaded bundle %s v%s from %s on %s (intra_op=%d inter_op=%d spinning=%s)",
+        bundle.name, bundle.version, bundle.dir, provider, intra_op_threads, inter_op_threads, allow_spinning,
+    )  # fmt: skip
+    return Engine(bundle=bundle, session=session, provider=provider, max_history=bundle.max_history)

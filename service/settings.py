@@ -1,0 +1,80 @@
+"""Every knob of the service in one pydantic-settings object.
+
+One object, one prefix (``FAIR_``): an operator can read the whole configuration surface in one
+place, every CLI flag has an environment twin (``--max-batch-size`` == ``FAIR_MAX_BATCH_SIZE``), and
+uvicorn worker processes (which only inherit the environment) see exactly what the parent saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The latency objective (p99 of POST /recommend) the request histogram must resolve.
+LATENCY_OBJECTIVE_S = 0.020
+# Hard ceilings of the public API, also used by the request schema (OpenAPI shows them).
+MAX_K = 100
+MAX_BEAM_SIZE = 200
+MAX_REQUEST_HISTORY = 1000
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field is also the environment variable ``FAIR_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FAIR_", extra="ignore")
+
+    # ---- model ----
+    bundle: Path | None = Field(
+        None, description="BUNDLE_ROOT/NAME (newest version) or BUNDLE_ROOT/NAME/VERSION (pinned)"
+    )
+    bundle_poll_s: float = Field(
+        0.0, ge=0, description="seconds between checks for a newer version under BUNDLE_ROOT/NAME; 0 = off"
+    )
+    verify_bundle: bool = Field(True, description="check every sha256 of the bundle before loading")
+
+    # ---- HTTP ----
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (metrics add up across them)")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_ms: float = Field(1000.0, gt=0, description="per-request deadline; past it: 504")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; unset = admin off")
+    log_level: str = "info"
+
+    # ---- Redis ----
+    redis_url: str | None = Field(
+        None, description="redis://, rediss://, unix:// URL; unset = embedded Redis under data_dir"
+    )
+    redis_cluster: bool = Field(False, description="treat redis_url as a seed node of a Redis Cluster")
+    redis_timeout_ms: float = Field(200.0, gt=0, description="socket timeout of every Redis call")
+    data_dir: Path = Field(Path("data/service"), description="embedded Redis keeps its files here")
+    history_key_prefix: str = "fair:history:"
+    history_max_items: int = Field(200, ge=1, description="each user's list is trimmed to this length")
+
+    # ---- recommendation defaults ----
+    default_k: int = Field(10, ge=1, le=MAX_K)
+    default_beam_size: int = Field(20, ge=1, le=MAX_BEAM_SIZE)
+
+    # ---- inference ----
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(1.0, ge=0, description="how long the batcher waits to fill a batch")
+    queue_size: int = Field(512, ge=1, description="requests waiting for inference; beyond it: 429")
+    intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = ORT default)")
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads (0 = ORT default)")
+    allow_spinning: bool = Field(False, description="ORT thread spinning; off: it costs 2x on shared cores")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="onnxruntime providers in preference order (unavailable ones are skipped)",
+    )
+
+    @field_validator("history_key_prefix")
+    @classmethod
+    def _prefix_not_empty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    def history_key(self, user_id: str) -> str:
+        return f"{self.history_key_prefix}{user_id}"
