@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64, help="users per batch")
-    parser.add_argument("--beam", type=int, default=20)
+    parser.add_argument("--beam", type=int, nargs="+", default=[20], help="beam widths (one row each)")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument(
         "--exclude",
@@ -105,19 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if min(args.items) < 1 or args.batch < 1 or args.beam < 1 or args.k < 1 or args.repeats < 1:
+    if min(args.items) < 1 or args.batch < 1 or min(args.beam) < 1 or args.k < 1 or args.repeats < 1:
         parser.error("--items, --batch, --beam, -k and --repeats must be >= 1")
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}")
     print(
-        f"batch {args.batch}, beam {args.beam}, k {args.k}, L {args.levels}, V {args.codebook_size}, "
+        f"batch {args.batch}, k {args.k}, L {args.levels}, V {args.codebook_size}, "
         f"interests {args.interests}, peak {args.peak}, median of {args.repeats}\n"
     )
     print(
-        "| items | exclude/user | trie build s | trie MB | beam ms/batch | exact ms/batch "
+        "| items | beam | exclude/user | trie build s | trie MB | beam ms/batch | exact ms/batch "
         f"| recall@{args.k} of exact |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for num_items in args.items:
         codes = synthetic_codes(num_items, args.levels, args.codebook_size, args.seed)
         build_s, trie = trie_build_seconds(codes, args.codebook_size)
@@ -125,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         for n_excl in sorted({0, args.exclude}):
             # worst case for crowding out: each user has already seen its n_excl best-scored items
             exclude = list(exact_topk(lp, trie, n_excl).items) if n_excl else None
-            beam_s, beam = median_seconds(
-                partial(constrained_beam_search, lp, trie, args.beam, args.k, exclude), args.repeats
-            )
             exact_s, exact = median_seconds(partial(exact_topk, lp, trie, args.k, exclude), args.repeats)
-            print(
-                f"| {num_items:,} | {n_excl} | {build_s:.3f} | {trie.nbytes() / 2**20:.1f} "
-                f"| {beam_s * 1e3:.1f} | {exact_s * 1e3:.1f} | {recall(beam.items, exact.items):.4f} |"
-            )
+            for width in args.beam:
+                beam_s, beam = median_seconds(
+                    partial(constrained_beam_search, lp, trie, width, args.k, exclude), args.repeats
+                )
+                print(
+                    f"| {num_items:,} | {width} | {n_excl} | {build_s:.3f} | {trie.nbytes() / 2**20:.1f} "
+                    f"| {beam_s * 1e3:.1f} | {exact_s * 1e3:.1f} | {recall(beam.items, exact.items):.4f} |",
+                    flush=True,
+                )
     return 0
 
 
