@@ -31,7 +31,7 @@ PROG = "noise_experiment"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, nargs="+", required=True, help="fair-train run directories")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder the runs were trained on")
+    p.add_argument("--data", required=True, help="dataset folder the runs were trained on")
     p.add_argument(
         "--n", type=int, nargs="+", default=[1, 2, 5], help="noise items per history (default 1 2 5)"
     )

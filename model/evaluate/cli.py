@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from model.data.benchmark import load_benchmark
 from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError, SequenceDataset
+from model.data.loading import load_dataset
 from model.evaluate.metrics import evaluation_report
 from model.evaluate.popularity import popularity_order, rank_by_popularity
 from model.semantic_ids.table import SemanticIdError
@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", type=Path, help="fair-train run directory (best.pt/checkpoint.pt, semantic_ids.npz)"
     )
     what.add_argument("--baseline", choices=["popularity"], help="evaluate a baseline instead of a run")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (benchmark format)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset the run was trained on: a folder fair-train reads, or synthetic:...",
+    )
     p.add_argument(
         "--split", choices=["valid", "test"], default="test", help="leave-one-out split (default test)"
     )
@@ -59,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_data(path: Path, max_history: int) -> SequenceDataset:
-    """The dataset to evaluate on, histories cut to ``max_history`` items."""
-    return load_benchmark(path, max_history=max_history)
+def load_data(path: str | Path, max_history: int) -> SequenceDataset:
+    """The dataset to evaluate on (any format ``fair-train`` reads), histories cut to ``max_history`` items."""
+    return load_dataset(path, max_history=max_history)
 
 
 def evaluate_popularity(dataset: SequenceDataset, split: str, k: int) -> dict:
