@@ -1,0 +1,118 @@
+"""docker-compose.yml: the local stack's services, health checks, start order and volumes.
+
+No Docker engine runs here, so the file is checked as data: what `docker compose up` would do.
+"""
+
+from __future__ import annotations
+
+import yaml
+from deploy_support import DEPLOY, REPO
+
+
+def load_compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def named_volumes_of(service: dict) -> dict[str, str]:
+    """Named volumes a service mounts: volume name -> container path (bind mounts excluded)."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        if not source.startswith((".", "/")):
+            out[source] = target
+    return out
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_services_present():
+    services = load_compose()["services"]
+    assert set(services) == {"redis", "bootstrap", "api", "prometheus", "grafana"}
+
+
+def test_redis_persists_append_only_on_a_named_volume_with_healthcheck():
+    compose = load_compose()
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    volumes = named_volumes_of(redis)
+    assert volumes.get("redis-data") == "/data"  # where redis-server writes appendonly files
+    assert "redis-data" in compose["volumes"]
+    test = redis["healthcheck"]["test"]
+    assert "redis-cli" in test and "ping" in test
+
+
+def test_bootstrap_is_one_shot_and_builds_into_the_shared_bundle_volume():
+    services = load_compose()["services"]
+    boot = services["bootstrap"]
+    assert boot.get("restart", "no") == "no"
+    assert boot["build"]["target"] == "train"  # building the bundle needs torch: the training image
+    cmd = boot["command"]
+    assert cmd[:2] == ["fair-demo", "load"]
+    bundles_mount = named_volumes_of(boot)["bundles"]
+    assert cmd[cmd.index("--bundles") + 1] == bundles_mount
+    assert cmd[cmd.index("--redis") + 1] == "redis://redis:6379/0"
+    assert boot["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_api_waits_for_healthy_redis_and_finished_bootstrap():
+    services = load_compose()["services"]
+    api = services["api"]
+    assert api["build"]["target"] == "runtime"
+    deps = api["depends_on"]
+    assert deps["redis"]["condition"] == "service_healthy"
+    assert deps["bootstrap"]["condition"] == "service_completed_successfully"
+    env = env_of(api)
+    assert env["FAIR_REDIS_URL"].startswith("redis://redis:")
+    # the api reads the bundle the bootstrap wrote: same volume, read-only, FAIR_BUNDLE under it
+    api_mount = named_volumes_of(api)["bundles"]
+    assert any(v.startswith("bundles:") and v.endswith(":ro") for v in api["volumes"])
+    boot_cmd = services["bootstrap"]["command"]
+    boot_root = boot_cmd[boot_cmd.index("--bundles") + 1]
+    assert env["FAIR_BUNDLE"] == f"{api_mount}/demo" and api_mount == boot_root
+    assert any(p.endswith(":8000") for p in api["ports"])
+
+
+def test_prometheus_mounts_the_repo_config_and_rules():
+    prom = load_compose()["services"]["prometheus"]
+    mounts = {m.split(":")[0]: m.split(":")[1] for m in prom["volumes"]}
+    assert mounts["./deploy/prometheus"] == "/etc/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        t
+        for job in config["scrape_configs"]
+        if job["job_name"] == "fair-api"
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
+    assert targets == ["api:8000"]  # the compose service name and the port fair-serve listens on
+
+
+def test_grafana_is_provisioned_from_the_repo():
+    grafana = load_compose()["services"]["grafana"]
+    mounts = {m.split(":")[0]: m.split(":")[1] for m in grafana["volumes"]}
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dash_mount = mounts["./deploy/grafana/dashboards"]
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "fair.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == dash_mount
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    home = env_of(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (
+        home.startswith(dash_mount + "/")
+        and (DEPLOY / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).is_file()
+    )
+
+
+def test_every_named_volume_is_declared():
+    compose = load_compose()
+    used = {name for svc in compose["services"].values() for name in named_volumes_of(svc)}
+    assert used <= set(compose["volumes"])
