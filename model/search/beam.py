@@ -6,12 +6,12 @@ of its codes. Both searches work on flat ragged arrays of (user, node, score) so
 of users and beams is expanded with a handful of numpy calls per level; the only Python loop is over
 the ``L`` levels.
 
-Beam width. ``beam_size`` is the *minimum* number of prefixes kept per level. A user keeps
-``max(beam_size, k + n_excluded)`` prefixes, where ``n_excluded`` counts that user's distinct excluded
-items: every prefix has at least one item under it, so that width guarantees ``k`` non-excluded
-items at the last level whenever the catalog holds them (a beam narrower than ``k``, or one whose
-best leaves are all already-seen items, would otherwise return fewer than ``k``). At the last level
-the search ranks *all* children of the surviving prefixes after dropping excluded items.
+Beam width and exclusion. Each level keeps the best ``max(beam_size, k)`` prefixes per user, and a
+prefix all of whose items the user excluded (already seen) does not count as a valid prefix: it is
+dropped before ranking. Every kept prefix therefore still holds an item the user may get, so the
+last level, which ranks *all* children of the surviving prefixes after dropping excluded items,
+returns ``k`` items whenever the catalog holds ``k`` non-excluded ones — however many items are
+excluded and however narrow the beam, at no extra width.
 """
 
 from __future__ import annotations
@@ -48,11 +48,20 @@ def _check_log_probs(log_probs: np.ndarray, trie: CodeTrie) -> np.ndarray:
     return lp.astype(np.float64, copy=False)
 
 
-def _exclusion(exclude: ExcludeArg, batch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys ``user * num_items + item`` to drop, and the distinct count per user."""
-    counts = np.zeros(batch, dtype=np.int64)
+@dataclass(frozen=True)
+class _Excluded:
+    """Distinct (user, item) pairs to drop: users, the items' leaf edges, sorted keys user * N + item."""
+
+    users: np.ndarray
+    leaves: np.ndarray
+    keys: np.ndarray
+
+
+def _exclusion(exclude: ExcludeArg, batch: int, trie: CodeTrie) -> _Excluded:
+    num_items = trie.num_items
     if exclude is None:
-        return np.zeros(0, dtype=np.int64), counts
+        empty = np.zeros(0, dtype=np.int64)
+        return _Excluded(empty, empty, empty)
     if len(exclude) != batch:
         raise ValueError(f"exclude must have one entry per user ({batch}), got {len(exclude)}")
     keys = []
@@ -62,9 +71,24 @@ def _exclusion(exclude: ExcludeArg, batch: int, num_items: int) -> tuple[np.ndar
         items = np.unique(np.asarray(items, dtype=np.int64).reshape(-1))
         if items.size and (items[0] < 0 or items[-1] >= num_items):
             raise ValueError(f"exclude[{user}] holds item indices outside the catalog [0, {num_items})")
-        counts[user] = items.size
         keys.append(user * num_items + items)
-    return (np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)), counts
+    keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)  # sorted: users ascending
+    users, items = np.divmod(keys, max(num_items, 1))
+    leaves = trie.leaf_of_item()[items] if keys.size else keys
+    return _Excluded(users, leaves, keys)
+
+
+def _fully_excluded(trie: CodeTrie, level: int, users: np.ndarray, nodes: np.ndarray, excl: _Excluded):
+    """Mask of candidate (user, node at ``level``) pairs whose every item that user excluded."""
+    n_nodes = trie.num_nodes(level)
+    anc = trie.ancestors(level)[excl.leaves].astype(np.int64)
+    keys, counts = np.unique(excl.users * n_nodes + anc, return_counts=True)
+    full = keys[counts == trie.leaf_counts(level)[keys % n_nodes]]
+    if full.size == 0:
+        return np.zeros(users.shape, dtype=bool)
+    query = users * n_nodes + nodes
+    pos = np.minimum(np.searchsorted(full, query), full.size - 1)
+    return full[pos] == query
 
 
 def _expand(
@@ -129,29 +153,33 @@ def _flatten(nodes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
     return users, nodes[users, cols], scores[users, cols]
 
 
-def _drop_excluded(trie, users, edges, scores, excl_keys):
+def _drop_excluded(trie: CodeTrie, users, edges, scores, excl: _Excluded):
+    """Leaf edges -> item indices, without the (user, item) pairs in ``excl``."""
     items = trie.items[edges]
-    if excl_keys.size:
-        keep = ~np.isin(users * trie.num_items + items, excl_keys)
+    if excl.keys.size:
+        query = users * trie.num_items + items
+        pos = np.minimum(np.searchsorted(excl.keys, query), excl.keys.size - 1)
+        keep = excl.keys[pos] != query
         users, items, scores = users[keep], items[keep], scores[keep]
     return users, items, scores
 
 
-def _beam(lp: np.ndarray, trie: CodeTrie, beam_size: int, k: int, excl_keys, excl_counts):
+def _beam(lp: np.ndarray, trie: CodeTrie, beam_size: int, k: int, excl: _Excluded):
     """Beam search in float64; returns ``([B, k] items, [B, k] float64 scores)``."""
     batch = lp.shape[0]
-    width = np.maximum(beam_size, k + excl_counts)  # per-user beam width, see module docstring
-    widest = int(width.max()) if batch else beam_size
+    width = max(beam_size, k)  # fewer than k prefixes could not be guaranteed to hold k items
     users = np.arange(batch)
     nodes = np.zeros(batch, dtype=np.int64)
     scores = np.zeros(batch, dtype=np.float64)
     for level in range(trie.code_length - 1):
         users, edges, cand = _expand(trie, level, lp, users, nodes, scores)
-        beam_nodes, beam_scores = _top_per_user(users, edges, cand, batch, widest)
-        beam_nodes[np.arange(widest)[None, :] >= width[:, None]] = -1  # users with a narrower beam
+        if excl.keys.size:  # a prefix with nothing left to recommend must not take a beam slot
+            keep = ~_fully_excluded(trie, level + 1, users, edges, excl)
+            users, edges, cand = users[keep], edges[keep], cand[keep]
+        beam_nodes, beam_scores = _top_per_user(users, edges, cand, batch, width)
         users, nodes, scores = _flatten(beam_nodes, beam_scores)
     users, edges, cand = _expand(trie, trie.code_length - 1, lp, users, nodes, scores)
-    users, items, cand = _drop_excluded(trie, users, edges, cand, excl_keys)
+    users, items, cand = _drop_excluded(trie, users, edges, cand, excl)
     return _top_per_user(users, items, cand, batch, k)
 
 
@@ -177,8 +205,8 @@ def constrained_beam_search(
     """
     _check_sizes(k, beam_size)
     lp = _check_log_probs(log_probs, trie)
-    excl_keys, excl_counts = _exclusion(exclude, lp.shape[0], trie.num_items)
-    return _result(*_beam(lp, trie, beam_size, k, excl_keys, excl_counts))
+    excl = _exclusion(exclude, lp.shape[0], trie)
+    return _result(*_beam(lp, trie, beam_size, k, excl))
 
 
 def exact_topk(log_probs: np.ndarray, trie: CodeTrie, k: int, exclude: ExcludeArg = None) -> SearchResult:
@@ -195,10 +223,10 @@ def exact_topk(log_probs: np.ndarray, trie: CodeTrie, k: int, exclude: ExcludeAr
     _check_sizes(k)
     lp = _check_log_probs(log_probs, trie)
     batch, length = lp.shape[0], trie.code_length
-    excl_keys, excl_counts = _exclusion(exclude, batch, trie.num_items)
+    excl = _exclusion(exclude, batch, trie)
     if batch == 0:
         return _result(np.zeros((0, k), np.int64), np.zeros((0, k)))
-    _, lower = _beam(lp, trie, k, k, excl_keys, excl_counts)
+    _, lower = _beam(lp, trie, k, k, excl)
     tau = lower[:, k - 1]  # -inf when fewer than k items exist: then everything is expanded
     # rest[b, l] = sum of max log-probs of levels l+1..L-1: the most a prefix ending at l can still gain
     level_max = lp.max(axis=2)
@@ -213,5 +241,5 @@ def exact_topk(log_probs: np.ndarray, trie: CodeTrie, k: int, exclude: ExcludeAr
         users, edges, scores = _expand(trie, level, lp, users, nodes, scores)
         alive = scores + rest[users, level] >= tau[users] - slack[users]
         users, nodes, scores = users[alive], edges[alive], scores[alive]
-    users, items, scores = _drop_excluded(trie, users, nodes, scores, excl_keys)
+    users, items, scores = _drop_excluded(trie, users, nodes, scores, excl)
     return _result(*_top_per_user(users, items, scores, batch, k))

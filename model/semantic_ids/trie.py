@@ -41,7 +41,12 @@ class CodeTrie:
     indptr: list[np.ndarray]  # per level l: int32 [n_nodes(l) + 1]
     child_codes: list[np.ndarray]  # per level l: int32 [n_nodes(l + 1)] (at l = L-1: [num_items])
     items: np.ndarray  # int64 [num_items]: item index of each leaf edge
+    # lazily derived lookups (not saved): searchable edge keys, and ancestors / subtree sizes that the
+    # beam search needs only when a request excludes items
     _edge_keys: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _ancestors: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _leaf_counts: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _leaf_of_item: np.ndarray | None = field(default=None, repr=False)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -168,6 +173,37 @@ class CodeTrie:
             keys = parent * self.codebook_size + self.child_codes[level]
             self._edge_keys[level] = keys
         return keys
+
+    def leaf_of_item(self) -> np.ndarray:
+        """int64 ``[num_items]``: the leaf edge of each item (inverse of ``items``)."""
+        if self._leaf_of_item is None:
+            inverse = np.empty(self.num_items, dtype=np.int64)
+            inverse[self.items] = np.arange(self.num_items)
+            self._leaf_of_item = inverse
+        return self._leaf_of_item
+
+    def ancestors(self, level: int) -> np.ndarray:
+        """int32 ``[num_items]``: for each leaf edge, its ancestor node at ``level`` (0..L).
+
+        Cached: ~4 bytes per item per level, built on first use (exclusion handling in the search).
+        """
+        if level == self.code_length:
+            return np.arange(self.num_items, dtype=np.int32)
+        anc = self._ancestors.get(level)
+        if anc is None:
+            ptr = self.indptr[level]
+            parent_of_edge = np.repeat(np.arange(len(ptr) - 1, dtype=np.int32), np.diff(ptr))
+            anc = parent_of_edge[self.ancestors(level + 1)]
+            self._ancestors[level] = anc
+        return anc
+
+    def leaf_counts(self, level: int) -> np.ndarray:
+        """int64 ``[n_nodes(level)]``: how many items lie under each node of ``level``."""
+        counts = self._leaf_counts.get(level)
+        if counts is None:
+            counts = np.bincount(self.ancestors(level), minlength=self.num_nodes(level)).astype(np.int64)
+            self._leaf_counts[level] = counts
+        return counts
 
     def step(self, level: int, nodes: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Vectorised child lookup: node ids at ``level + 1`` (item index at the last level), -1 if invalid.

@@ -35,6 +35,17 @@ def test_levels_hold_the_sorted_distinct_prefixes():
     assert codes.tolist() == [0, 2] and items.tolist() == [3, 0]
 
 
+def test_ancestors_and_leaf_counts_describe_subtrees():
+    trie = CodeTrie.from_codes(CODES, codebook_size=4)
+    assert trie.leaf_counts(0).tolist() == [4]
+    assert trie.leaf_counts(1).tolist() == [1, 3]  # (0,) holds item 1; (1,) holds items 0, 2, 3
+    assert trie.leaf_counts(2).tolist() == [1, 2, 1]
+    leaves = trie.leaf_of_item()
+    assert trie.items[leaves].tolist() == [0, 1, 2, 3]
+    assert trie.ancestors(1)[leaves].tolist() == [1, 0, 1, 1]
+    assert trie.ancestors(2)[leaves].tolist() == [1, 0, 2, 1]
+
+
 def test_lookup_and_step_find_items_and_reject_other_tuples():
     trie = CodeTrie.from_codes(CODES, codebook_size=4)
     assert trie.lookup(CODES).tolist() == [0, 1, 2, 3]
