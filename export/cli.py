@@ -1,0 +1,180 @@
+"""``fair-export``: write a model bundle from a run or checkpoint; ``fair-export inspect`` checks one.
+
+    fair-export --run RUN_DIR --out BUNDLE_ROOT [--name NAME] [--version V] [--quantize int8 | --fp16]
+    fair-export --checkpoint FILE [--sid FILE] [--popular FILE] --out BUNDLE_ROOT ...
+    fair-export inspect BUNDLE_DIR [--json]
+
+Exit status: 0 on success, 1 for a failed export / a bundle with problems, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from export.bundle import BundleError, read_manifest, resolve_bundle, verify_checksums
+
+EPILOG = """examples:
+  fair-export --run runs/beauty --out bundles --name beauty            # next version, fp32, verified
+  fair-export --run runs/beauty --data ../shared/data/amazon/Beauty --out bundles --quantize int8
+  fair-export inspect bundles/beauty          # newest version; non-zero exit on a checksum mismatch
+"""
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fair-export",
+        description="Export a FAIR checkpoint to a verified ONNX bundle BUNDLE_ROOT/NAME/VERSION/ "
+        "(manifest.json, model.onnx, semantic_ids.npz, trie.npz, popular.npy). "
+        "Use 'fair-export inspect BUNDLE_DIR' to check an existing bundle.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="fair-train run directory (best.pt, else checkpoint.pt)")
+    src.add_argument("--checkpoint", type=Path, help="a checkpoint file")
+    p.add_argument(
+        "--sid", type=Path, help="semantic-ID table (default: semantic_ids.npz next to the checkpoint)"
+    )
+    p.add_argument(
+        "--popular", type=Path, help="fallback ranking .npy (default: popular.npy next to the checkpoint)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="the run's benchmark data folder: verification samples real test histories from it, "
+        "and fp16/int8 bundles get their own offline Recall/NDCG in the manifest",
+    )
+    p.add_argument("--out", type=Path, required=True, help="bundle root; the bundle goes to OUT/NAME/VERSION")
+    p.add_argument("--name", default="fair", help="model name (default: fair)")
+    p.add_argument("--version", type=int, help="integer version (default: one more than the newest)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization")
+    prec.add_argument("--fp16", action="store_true", help="float16 weights/activations (float32 I/O)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity checks (not recommended)")
+    p.add_argument(
+        "--evaluate", action="store_true", help="also record offline metrics for fp32 (needs --data)"
+    )
+    p.add_argument("--users", type=int, default=256, help="histories compared in verification (default 256)")
+    p.add_argument("--beam", type=int, default=20, help="beam size of the top-10 comparison (default 20)")
+    p.add_argument(
+        "--max-abs-diff",
+        type=float,
+        help="enforce this log-prob limit for any precision (default: 1e-4, fp32 only)",
+    )
+    p.add_argument(
+        "--min-topk-agreement",
+        type=float,
+        help="enforce this share of identical top-10 lists for any precision (default: 0.99, fp32 only)",
+    )
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fair-export inspect",
+        description="Print a bundle's manifest and check every file's sha256; exit 1 on any problem.",
+    )
+    p.add_argument("bundle", type=Path, help="BUNDLE_ROOT/NAME (newest version) or BUNDLE_ROOT/NAME/VERSION")
+    p.add_argument("--version", type=int, help="pin a version when BUNDLE is a model directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object (manifest + problems)")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"fair-export: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def inspect_main(argv: list[str]) -> int:
+    args = inspect_parser().parse_args(argv)
+    try:
+        path = resolve_bundle(args.bundle, args.version)
+        manifest = read_manifest(path)
+        problems = verify_checksums(path)
+    except BundleError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"path": str(path), "ok": not problems, "problems": problems, "manifest": manifest}))
+    else:
+        _print_summary(path, manifest, problems)
+    return 1 if problems else 0
+
+
+def _print_summary(path: Path, m: dict, problems: list[str]) -> None:
+    cfg = m.get("model_config", {})
+    print(f"bundle     {path}")
+    print(f"model      {m['name']} v{m['version']} ({m['precision']}), created {m['created']}")
+    print(
+        f"source     {m['source'].get('checkpoint')} (sha256 {str(m['source'].get('checkpoint_sha256'))[:12]}...)"
+    )
+    print(
+        f"network    attention={cfg.get('attention')} layers={cfg.get('n_layers')} d_model={cfg.get('d_model')} "
+        f"L={m['code_length']} V={m['codebook_size']} items={m['num_items']} max_history={m['max_history']}"
+    )
+    for io in m["inputs"]:
+        print(f"input      {io['name']}: {io['dtype']} {io['shape']}")
+    for io in m["outputs"]:
+        print(f"output     {io['name']}: {io['dtype']} {io['shape']}")
+    print(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
+    for prec, v in (m.get("verification") or {}).items():
+        print(
+            f"verified   {prec}: max|diff| {v.get('max_abs_diff'):.3g}, top-10 identical "
+            f"{v.get('top10_agreement'):.1%} of {v.get('users')} ({v.get('histories')})"
+        )
+    for source, values in (m.get("metrics") or {}).items():
+        if values:
+            print(f"metrics    {source}: {json.dumps(values, sort_keys=True)}")
+    for name, digest in sorted(m["files"].items()):
+        print(f"file       {name}  {digest[:16]}...")
+    if problems:
+        for line in problems:
+            print(f"PROBLEM    {line}")
+    else:
+        print("checksums  all match")
+
+
+def export_main(argv: list[str]) -> int:
+    args = export_parser().parse_args(argv)
+    if args.version is not None and args.version < 1:
+        print("fair-export: error: --version must be a positive integer", file=sys.stderr)
+        return 2
+    # torch and onnx only load for exports: `inspect` stays light
+    from export.exporter import ExportFailed, export_bundle, load_sources
+    from export.onnx_export import DEFAULT_OPSET
+
+    precision = "int8" if args.quantize == "int8" else "fp16" if args.fp16 else "fp32"
+    try:
+        src = load_sources(args.run, args.checkpoint, args.sid, args.popular, args.data)
+        result = export_bundle(
+            src,
+            args.out,
+            name=args.name,
+            version=args.version,
+            opset=args.opset or DEFAULT_OPSET,
+            precision=precision,
+            verify=not args.no_verify,
+            users=args.users,
+            beam=args.beam,
+            max_abs_diff=args.max_abs_diff,
+            min_topk_agreement=args.min_topk_agreement,
+            evaluate=True if args.evaluate else None,
+        )
+    except ExportFailed as exc:
+        return _fail(str(exc))
+    print(f"wrote {result.path} ({precision}, {result.seconds:.1f}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "inspect":
+        return inspect_main(argv[1:])
+    return export_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,368 @@
+"""Checkpoint (or run directory) -> verified, versioned bundle: the work behind ``fair-export``.
+
+Every input is loaded and cross-checked before anything is written, the staging directory is created
+next (so an unwritable output fails before the slow export), and the bundle is renamed into place
+only after verification passed. Any failure raises ``ExportFailed`` with one line that says what.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import __version__
+from export.bundle import (
+    MODEL_FILE,
+    POPULAR_FILE,
+    SEMANTIC_IDS_FILE,
+    TRIE_FILE,
+    BundleError,
+    BundleStaging,
+    list_versions,
+    save_trie,
+    sha256_file,
+    utc_now,
+)
+from export.onnx_export import DEFAULT_OPSET, ExportError, check_exportable, export_onnx, io_spec
+from export.quantize import convert_fp16, quantize_int8
+from export.verify import (
+    DEFAULT_BEAM,
+    DEFAULT_USERS,
+    VerificationError,
+    compare,
+    offline_metrics,
+    onnx_fn,
+    ort_session,
+    sample_histories,
+    synthetic_histories,
+    torch_fn,
+    verify_model,
+)
+from model.data.benchmark import load_benchmark
+from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
+from model.fair import FAIR
+from model.semantic_ids.table import SemanticIdError, SemanticIdTable
+from model.semantic_ids.trie import CodeTrie
+from model.train.checkpoint import CheckpointError, load_model
+
+RUN_CHECKPOINTS = ("best.pt", "checkpoint.pt")  # preference order inside a run directory
+RUN_METRICS = "metrics.json"
+
+
+class ExportFailed(RuntimeError):
+    """An export that could not produce a bundle; nothing was written."""
+
+
+@dataclass
+class ExportSources:
+    """Everything a bundle is made from, loaded and cross-checked."""
+
+    checkpoint_path: Path
+    model: FAIR
+    checkpoint: dict
+    table: SemanticIdTable
+    trie: CodeTrie
+    popular: np.ndarray
+    max_history: int
+    run_dir: Path | None = None
+    run_metrics: dict = field(default_factory=dict)
+    dataset: SequenceDataset | None = None
+
+
+def _log(msg: str) -> None:
+    print(f"fair-export: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- loading inputs ------------------------------------------------------------------------------------
+def _load_table(path: Path) -> SemanticIdTable:
+    try:
+        return SemanticIdTable.load(path)
+    except SemanticIdError as exc:
+        raise ExportFailed(str(exc)) from exc
+
+
+def _load_popular(path: Path, num_items: int) -> np.ndarray:
+    try:
+        popular = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ExportFailed(f"{path}: not a readable .npy array ({exc})") from exc
+    if popular.ndim != 1 or not np.issubdtype(popular.dtype, np.integer) or not popular.size:
+        raise ExportFailed(
+            f"{path}: must be a non-empty 1-d integer array, got {popular.dtype} {popular.shape}"
+        )
+    if popular.min() < 0 or popular.max() >= num_items:
+        raise ExportFailed(f"{path}: item indices must lie in [0, {num_items}) (the table's catalog)")
+    return popular.astype(np.int64)
+
+
+def load_sources(
+    run: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    sid: str | os.PathLike | None = None,
+    popular: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+) -> ExportSources:
+    """Resolve a run directory or a checkpoint (+ table / popularity next to it, or given) and check them."""
+    if (run is None) == (checkpoint is None):
+        raise ExportFailed("give exactly one of --run RUN_DIR or --checkpoint FILE")
+    run_dir = Path(run) if run is not None else None
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise ExportFailed(f"{run_dir}: no such run directory")
+        found = [run_dir / n for n in RUN_CHECKPOINTS if (run_dir / n).is_file()]
+        if not found:
+            raise ExportFailed(f"{run_dir}: no {' or '.join(RUN_CHECKPOINTS)} (is it a fair-train run?)")
+        ckpt_path = found[0]
+    else:
+        ckpt_path = Path(checkpoint)  # type: ignore[arg-type]
+        if not ckpt_path.is_file():
+            raise ExportFailed(f"{ckpt_path}: no such checkpoint")
+    home = ckpt_path.parent
+    sid_path = Path(sid) if sid is not None else home / SEMANTIC_IDS_FILE
+    if not sid_path.is_file():
+        raise ExportFailed(f"{sid_path}: no semantic-ID table (pass --sid FILE)")
+    table = _load_table(sid_path)
+
+    try:
+        model, ckpt = load_model(ckpt_path)
+    except CheckpointError as exc:
+        raise ExportFailed(str(exc)) from exc
+    except (ValueError, TypeError) as exc:  # FAIRConfig.from_dict: unknown keys / invalid values
+        raise ExportFailed(f"{ckpt_path}: model config not understood by this exporter: {exc}") from exc
+    except RuntimeError as exc:  # load_state_dict: weights of another architecture
+        first = str(exc).strip().splitlines()[0]
+        raise ExportFailed(f"{ckpt_path}: weights do not fit the model config ({first})") from exc
+    try:
+        check_exportable(model.cfg)
+    except ExportError as exc:
+        raise ExportFailed(f"{ckpt_path}: {exc}") from exc
+
+    recorded = ckpt.get("sid_sha256")
+    if recorded and recorded != table.sha256():
+        raise ExportFailed(
+            f"{sid_path}: semantic-ID table does not match the checkpoint (sha256 {table.sha256()[:12]}..., "
+            f"{ckpt_path.name} was trained on {str(recorded)[:12]}...)"
+        )
+    cfg = model.cfg
+    if (cfg.num_levels, cfg.codebook_size) != (table.code_length, table.codebook_size):
+        raise ExportFailed(
+            f"{sid_path}: table has {table.code_length} codes of {table.codebook_size} values, "
+            f"the model predicts {cfg.num_levels} of {cfg.codebook_size}"
+        )
+    trie = CodeTrie.from_codes(table.codes, table.codebook_size)
+    max_history = int((ckpt.get("train_config") or {}).get("max_history") or DEFAULT_MAX_HISTORY)
+
+    dataset = None
+    if data is not None:
+        try:
+            dataset = load_benchmark(data, max_history=max_history)
+            table.check_catalog(dataset.item_ids, what=f"dataset {data}")
+        except (OSError, ValueError) as exc:
+            raise ExportFailed(str(exc)) from exc
+
+    pop_path = Path(popular) if popular is not None else home / POPULAR_FILE
+    if pop_path.is_file():
+        pop = _load_popular(pop_path, table.num_items)
+    elif dataset is not None:
+        pop = np.argsort(-dataset.item_popularity(), kind="stable").astype(np.int64)
+    else:
+        raise ExportFailed(f"{pop_path}: no popularity ranking (pass --popular FILE or --data DIR)")
+
+    metrics: dict = {}
+    if run_dir is not None and (run_dir / RUN_METRICS).is_file():
+        try:
+            metrics = json.loads((run_dir / RUN_METRICS).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ExportFailed(f"{run_dir / RUN_METRICS}: not readable JSON ({exc})") from exc
+    return ExportSources(ckpt_path, model, ckpt, table, trie, pop, max_history, run_dir, metrics, dataset)
+
+
+# ---- the export ----------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    seconds: float
+
+
+def _histories(src: ExportSources, users: int) -> tuple[list[np.ndarray], str]:
+    if src.dataset is not None:
+        split = src.dataset.eval_split("test")
+        return sample_histories(split.histories, users), "dataset test split"
+    return synthetic_histories(src.table.num_items, src.max_history, users), "synthetic from the table"
+
+
+def export_bundle(
+    src: ExportSources,
+    out: str | os.PathLike,
+    name: str = "fair",
+    version: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    precision: str = "fp32",
+    verify: bool = True,
+    users: int = DEFAULT_USERS,
+    beam: int = DEFAULT_BEAM,
+    max_abs_diff: float | None = None,
+    min_topk_agreement: float | None = None,
+    evaluate: bool | None = None,
+) -> ExportResult:
+    """Write ``out/name/VERSION`` from ``src``; see the module docstring for the guarantees.
+
+    ``max_abs_diff`` / ``min_topk_agreement`` override the limits and then apply to every precision
+    (by default they apply to fp32 only). ``evaluate`` (default: for fp16/int8 when ``src`` has a
+    dataset) records the bundle's own offline test metrics in the manifest.
+    """
+    start = time.perf_counter()
+    model_dir = Path(out) / name
+    if version is not None and version in list_versions(model_dir):
+        raise ExportFailed(
+            f"{model_dir / str(version)}: version {version} already exists; versions are immutable"
+        )
+    if evaluate is None:
+        evaluate = precision != "fp32" and src.dataset is not None
+    if evaluate and src.dataset is None:
+        raise ExportFailed("offline metrics need the run's data: pass --data DIR")
+    try:
+        with (
+            BundleStaging(model_dir) as staging,
+            tempfile.TemporaryDirectory(prefix=".work-", dir=model_dir) as work,
+        ):
+            assert staging.path is not None
+            fp32_path = Path(work) / "model.fp32.onnx"
+            _log(f"exporting {src.checkpoint_path} (opset {opset}) ...")
+            t0 = time.perf_counter()
+            export_onnx(src.model, fp32_path, opset, metadata={"fair.sid_sha256": src.table.sha256()})
+            export_seconds = time.perf_counter() - t0
+            _log(f"exported in {export_seconds:.1f}s")
+            histories, origin = _histories(src, users)
+            verification: dict = {}
+            if verify:
+                report = verify_model(
+                    fp32_path, src.model, src.table, src.trie, histories, src.max_history, "fp32", beam
+                )
+                _check_limits(report, max_abs_diff, min_topk_agreement)
+                verification["fp32"] = report.to_manifest() | {"histories": origin}
+                _log(
+                    f"fp32 verified: max|diff| {report.max_abs_diff:.2g}, top-10 identical {report.topk_agreement:.1%}"
+                )
+            final = staging.path / MODEL_FILE
+            if precision == "fp32":
+                shutil.copyfile(fp32_path, final)
+            elif precision == "int8":
+                quantize_int8(fp32_path, final)
+            elif precision == "fp16":
+                convert_fp16(fp32_path, final)
+            else:
+                raise ExportFailed(f"unknown precision {precision!r}")
+            if verify and precision != "fp32":
+                report = compare(
+                    torch_fn(src.model),
+                    onnx_fn(ort_session(final)),
+                    src.table,
+                    src.trie,
+                    histories,
+                    src.max_history,
+                    precision,
+                    beam,
+                )
+                _check_limits(report, max_abs_diff, min_topk_agreement)
+                verification[precision] = report.to_manifest() | {"histories": origin}
+                _log(
+                    f"{precision}: max|diff| {report.max_abs_diff:.2g}, top-10 identical {report.topk_agreement:.1%}"
+                )
+            metrics: dict = {"run": src.run_metrics}
+            if evaluate:
+                metrics["bundle"] = _offline(src, final, beam) | {"precision": precision}
+            src.table.save(staging.path / SEMANTIC_IDS_FILE)
+            save_trie(src.trie, staging.path / TRIE_FILE)
+            np.save(staging.path / POPULAR_FILE, src.popular)
+            manifest = _manifest(src, name, opset, precision, metrics, verification, export_seconds)
+            path = staging.commit(manifest, version)
+    except (VerificationError, ExportError, BundleError) as exc:
+        raise ExportFailed(str(exc)) from exc
+    except OSError as exc:
+        raise ExportFailed(f"{model_dir}: cannot write the bundle ({exc})") from exc
+    manifest = json.loads((path / "manifest.json").read_text())
+    return ExportResult(path, manifest, time.perf_counter() - start)
+
+
+def _check_limits(report, max_abs_diff: float | None, min_topk_agreement: float | None) -> None:
+    """Explicit limits (CLI overrides) apply to any precision; the defaults were applied in compare()."""
+    failures = []
+    if max_abs_diff is not None and not report.max_abs_diff <= max_abs_diff:
+        failures.append(
+            f"parity: max |log_probs onnx - torch| = {report.max_abs_diff:.3g} > {max_abs_diff:g}"
+        )
+    if min_topk_agreement is not None and report.topk_agreement < min_topk_agreement:
+        failures.append(
+            f"top-10: identical for {report.topk_agreement:.2%} of {report.users} users, need >= {min_topk_agreement:.0%}"
+        )
+    if failures:
+        raise VerificationError(f"{report.precision}: " + "; ".join(failures))
+
+
+def _offline(src: ExportSources, onnx_path: Path, beam: int) -> dict:
+    assert src.dataset is not None
+    split = src.dataset.eval_split("test")
+    _log(f"offline metrics on {len(split.targets)} test users ...")
+    report = offline_metrics(
+        onnx_fn(ort_session(onnx_path)),
+        src.table,
+        src.trie,
+        split.histories,
+        split.targets,
+        src.max_history,
+        beam,
+    )
+    return {"split": "test", "beam": beam, **report}
+
+
+def _manifest(
+    src: ExportSources,
+    name: str,
+    opset: int,
+    precision: str,
+    metrics: dict,
+    verification: dict,
+    seconds: float,
+) -> dict:
+    inputs, outputs = io_spec(src.model.cfg)
+    return {
+        "name": name,
+        "created": utc_now(),
+        "precision": precision,
+        "source": {
+            "checkpoint": str(src.checkpoint_path.resolve()),
+            "checkpoint_sha256": sha256_file(src.checkpoint_path),
+            "run_dir": str(src.run_dir.resolve()) if src.run_dir else None,
+            "step": src.checkpoint.get("step"),
+            "data_fingerprint": src.checkpoint.get("data_fingerprint"),
+        },
+        "model_config": src.model.cfg.to_dict(),
+        "code_length": src.table.code_length,
+        "codebook_size": src.table.codebook_size,
+        "num_items": src.table.num_items,
+        "max_history": src.max_history,
+        "sid_sha256": src.table.sha256(),
+        "catalog_sha256": src.table.catalog_hash,
+        "opset": opset,
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": metrics,
+        "verification": verification,
+        "exporter": {
+            "name": "fair-export",
+            "version": __version__,
+            "torch": torch.__version__,
+            "export_seconds": round(seconds, 2),
+        },
+    }

@@ -1,0 +1,207 @@
+"""FAIR network -> ``model.onnx`` with the bundle's input/output contract.
+
+The graph is traced with torch's dynamo ONNX exporter from ``FAIR.next_item_log_probs`` in its plain
+attention form (in onnxruntime it ran faster than the SDPA form). Inputs ``codes`` int64
+``[batch, items, L]`` and ``item_mask`` bool ``[batch, items]``, output ``log_probs`` float32
+``[batch, L, V]``; batch and items are dynamic.
+
+Why nodes are renamed instead of wrapped in ONNX local functions: onnxruntime inlines local functions
+when it loads a model anyway, and the int8 quantizer and graph optimisers only look at top-level
+nodes, so a function-wrapped attention would silently stay fp32. Instead every node gets a name that
+spells its module path with the module's kind, e.g. ``blocks.0:Block/attn:FocusedAttention/softmax``,
+taken from the exporter's scope metadata: the focused attention of each layer is a unit in Netron,
+in profiles and for ``attention_units``.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from model.fair import FAIR, FAIRConfig
+
+DEFAULT_OPSET = 18
+INPUT_NAMES = ("codes", "item_mask")
+OUTPUT_NAME = "log_probs"
+FOCUSED_ATTENTION = "FocusedAttention"
+STANDARD_ATTENTION = "Attention"
+_WRAPPED = "model"  # attribute name of the network inside the export wrapper (prefix of scope names)
+# exporter metadata worth keeping (scopes); stack traces and FX dumps leak local paths and bloat the file
+_KEEP_METADATA = ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
+
+
+class ExportError(RuntimeError):
+    """The network cannot be exported under the bundle contract (or the exporter failed)."""
+
+
+class NextItemLogProbs(nn.Module):
+    """The exported function: (codes, item_mask) -> log_probs, nothing else (no user token input)."""
+
+    def __init__(self, model: FAIR) -> None:
+        super().__init__()
+        self.model = model  # attribute name must equal _WRAPPED
+
+    def forward(self, codes: torch.Tensor, item_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.next_item_log_probs(codes, item_mask)
+
+
+def check_exportable(cfg: FAIRConfig) -> None:
+    """Configurations the bundle contract cannot express are refused before any tracing."""
+    if cfg.user_buckets > 0:
+        raise ExportError(
+            f"model has a hashed user token (user_buckets={cfg.user_buckets}); the bundle's model "
+            "inputs are codes + item_mask only, so such a model cannot be served"
+        )
+
+
+def example_inputs(cfg: FAIRConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trace inputs whose batch/items sizes are distinct from each other, from L and from 1.
+
+    The exporter specialises an axis whose example size equals a constant it meets (or 1), which
+    would silently make that axis static.
+    """
+    taken = {1, cfg.num_levels, cfg.codebook_size}
+    batch = next(n for n in range(2, 100) if n not in taken)
+    items = next(n for n in range(batch + 1, 100) if n not in taken)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, cfg.codebook_size, (batch, items, cfg.num_levels), generator=gen)
+    item_mask = torch.ones(batch, items, dtype=torch.bool)
+    item_mask[0, : items // 2] = False  # one left-padded row, so masking is traced with real data
+    return codes, item_mask
+
+
+def io_spec(cfg: FAIRConfig) -> tuple[list[dict], list[dict]]:
+    """The manifest's ``inputs`` / ``outputs`` entries (names, dtypes, shapes with named dynamic axes)."""
+    inputs = [
+        {"name": "codes", "dtype": "int64", "shape": ["batch", "items", cfg.num_levels]},
+        {"name": "item_mask", "dtype": "bool", "shape": ["batch", "items"]},
+    ]
+    outputs = [
+        {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.num_levels, cfg.codebook_size]}
+    ]
+    return inputs, outputs
+
+
+def module_labels(model: nn.Module) -> dict[str, str]:
+    """Qualified module name -> kind used in node names; attention modules are labelled by their form."""
+    labels = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if hasattr(module, "focused") and hasattr(module, "qkv"):
+            labels[name] = FOCUSED_ATTENTION if module.focused else STANDARD_ATTENTION
+        else:
+            labels[name] = type(module).__name__
+    return labels
+
+
+def _metadata(node: onnx.NodeProto) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props}
+
+
+def _scope_path(scopes: list[str], labels: dict[str, str]) -> str:
+    """['', 'model.blocks.0', 'model.blocks.0.attn', 'linear'] -> 'blocks.0:Block/attn:FocusedAttention'."""
+    parts, parent = [], _WRAPPED
+    for scope in scopes[1:-1]:  # first: the wrapper itself, last: the aten op
+        qualified = scope.removeprefix(_WRAPPED + ".")
+        local = scope.removeprefix(parent + ".")
+        parts.append(f"{local}:{labels.get(qualified, 'Module')}")
+        parent = scope
+    return "/".join(parts)
+
+
+def name_nodes_by_scope(proto: onnx.ModelProto, labels: dict[str, str]) -> None:
+    """Rename every node ``<module path with kinds>/<op>`` (in place) and drop bulky metadata.
+
+    Nodes the exporter left without scope (e.g. a Split it inserted) take the scope of the node that
+    produces their first input, so a unit is never interrupted by an anonymous node.
+    """
+    producer_scope: dict[str, str] = {}
+    used: set[str] = set()
+    for node in proto.graph.node:  # topological order: producers come first
+        meta = _metadata(node)
+        scopes = (
+            ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+            if "pkg.torch.onnx.name_scopes" in meta
+            else None
+        )
+        if scopes:
+            path = _scope_path(scopes, labels)
+        else:
+            path = next((producer_scope[i] for i in node.input if i in producer_scope), "")
+        op = node.name.removeprefix("node_") or node.op_type
+        name = f"{path}/{op}" if path else op
+        while name in used:
+            name += "_"
+        used.add(name)
+        node.name = name
+        for out in node.output:
+            producer_scope[out] = path
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key in _KEEP_METADATA]
+        del node.metadata_props[:]
+        for key, value in keep:
+            node.metadata_props.add(key=key, value=value)
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        keep = [(p.key, p.value) for p in value.metadata_props if p.key in _KEEP_METADATA]
+        del value.metadata_props[:]
+        for key, val in keep:
+            value.metadata_props.add(key=key, value=val)
+
+
+def attention_units(proto: onnx.ModelProto, kind: str = FOCUSED_ATTENTION) -> dict[str, list[onnx.NodeProto]]:
+    """Nodes of every attention module of ``kind``, keyed by its scope (e.g. ``blocks.0:Block/attn``)."""
+    marker = f":{kind}/"
+    units: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in proto.graph.node:
+        if marker in node.name:
+            units[node.name.split(marker)[0]].append(node)
+    return dict(units)
+
+
+def export_onnx(
+    model: FAIR,
+    path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Trace ``model.next_item_log_probs`` to ``path`` (dynamic batch/items), scope-named nodes."""
+    check_exportable(model.cfg)
+    path = Path(path)
+    wrapper = NextItemLogProbs(model).eval()
+    batch, items = torch.export.Dim("batch"), torch.export.Dim("items")
+    # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
+    with torch.no_grad(), warnings.catch_warnings():
+        # the exporter's chatter (axis renames, pytree deprecations) is not the user's business
+        warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+        codes, item_mask = example_inputs(model.cfg)
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                (codes, item_mask),
+                dynamo=True,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"codes": {0: batch, 1: items}, "item_mask": {0: batch, 1: items}},
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    proto = program.model_proto
+    name_nodes_by_scope(proto, module_labels(model))
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.add(key=key, value=str(value))
+    proto.producer_name = "fair-export"
+    onnx.save_model(proto, path)
+    return path

@@ -1,0 +1,266 @@
+"""Checks that an exported ``model.onnx`` computes what the PyTorch network computes.
+
+Three gates before a bundle is renamed into place (see docs/architecture.md, "Bundle"):
+
+1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the output is
+   ``[batch, L, V]``, and every focused-attention layer is a named unit in the graph;
+2. numbers: onnxruntime vs PyTorch on histories of varied lengths batched together (so left padding
+   is exercised), max absolute difference of the log-probabilities;
+3. what users see: the top-10 from the shared constrained beam search, ONNX vs PyTorch, identical
+   (same items, same order) for the required share of users.
+
+fp32 must pass 2 and 3; for fp16/int8 the figures are measured and recorded, not enforced (they
+change the numbers by design; their offline metrics go into the manifest instead).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units
+from model.evaluate.metrics import evaluation_report
+from model.fair import FAIR
+from model.search.beam import constrained_beam_search
+from model.search.inputs import histories_to_inputs
+from model.semantic_ids.table import SemanticIdTable
+from model.semantic_ids.trie import CodeTrie
+
+MAX_ABS_DIFF_FP32 = 1e-4
+TOP_K = 10
+MIN_TOPK_AGREEMENT = 0.99
+DEFAULT_USERS = 256
+DEFAULT_BEAM = 20
+BATCH = 32
+
+LogProbsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (codes, item_mask) -> [B, L, V] float32
+
+
+class VerificationError(RuntimeError):
+    """An exported model failed a check; the message says which check and by how much."""
+
+
+@dataclass
+class VerificationReport:
+    """Figures measured by ``verify_model``; ``failures`` lists the gates that did not pass."""
+
+    precision: str
+    users: int
+    max_abs_diff: float
+    topk_agreement: float
+    checks: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def to_manifest(self) -> dict:
+        return {
+            "precision": self.precision,
+            "users": self.users,
+            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff_limit": MAX_ABS_DIFF_FP32 if self.precision == "fp32" else None,
+            f"top{TOP_K}_agreement": self.topk_agreement,
+            f"top{TOP_K}_agreement_min": MIN_TOPK_AGREEMENT if self.precision == "fp32" else None,
+            "checks": self.checks,
+        }
+
+
+# ---- runners -------------------------------------------------------------------------------------------
+def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """CPU session (CUDA first where this onnxruntime build has it)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def onnx_fn(session: ort.InferenceSession) -> LogProbsFn:
+    def run(codes: np.ndarray, item_mask: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(INPUT_NAMES, (codes.astype(np.int64), item_mask.astype(bool)), strict=True))
+        return session.run(None, feeds)[0]
+
+    return run
+
+
+def torch_fn(model: FAIR) -> LogProbsFn:
+    def run(codes: np.ndarray, item_mask: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model.next_item_log_probs(torch.from_numpy(codes), torch.from_numpy(item_mask))
+        return out.float().numpy()
+
+    return run
+
+
+def log_probs_for(
+    fn: LogProbsFn,
+    histories: Sequence[np.ndarray],
+    codes_table: np.ndarray,
+    max_history: int,
+    batch: int = BATCH,
+) -> np.ndarray:
+    """[U, L, V] log-probs for every history, in batches of mixed lengths (left padding exercised)."""
+    parts = []
+    for start in range(0, len(histories), batch):
+        codes, mask = histories_to_inputs(histories[start : start + batch], codes_table, max_history)
+        parts.append(np.asarray(fn(codes, mask), dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def top_items(
+    log_probs: np.ndarray,
+    trie: CodeTrie,
+    histories: Sequence[np.ndarray],
+    k: int = TOP_K,
+    beam: int = DEFAULT_BEAM,
+) -> np.ndarray:
+    """Top-k items per user through the shared beam search, seen items excluded as when serving."""
+    return constrained_beam_search(
+        log_probs, trie, beam_size=max(beam, k), k=k, exclude=list(histories)
+    ).items
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+def synthetic_histories(
+    num_items: int, max_history: int, n: int = DEFAULT_USERS, seed: int = 0
+) -> list[np.ndarray]:
+    """Histories of every length 1..max_history in turn, random distinct catalog items."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in range(n):
+        length = min(1 + u % max_history, num_items)
+        out.append(rng.choice(num_items, size=length, replace=False).astype(np.int64))
+    return out
+
+
+def sample_histories(
+    histories: Sequence[np.ndarray], n: int = DEFAULT_USERS, seed: int = 0
+) -> list[np.ndarray]:
+    """``n`` real histories spread over lengths: sorted by length, then taken at even strides."""
+    usable = [np.asarray(h, dtype=np.int64) for h in histories if len(h)]
+    if len(usable) <= n:
+        return usable
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(usable), size=min(len(usable), 8 * n), replace=False)
+    by_length = sorted(picked, key=lambda i: (len(usable[i]), i))
+    stride = np.linspace(0, len(by_length) - 1, n).round().astype(int)
+    chosen = [usable[by_length[i]] for i in stride]
+    order = rng.permutation(n)  # mix lengths inside every batch
+    return [chosen[i] for i in order]
+
+
+# ---- gates ----------------------------------------------------------------------------------------------
+def check_graph(
+    path: str | os.PathLike, num_levels: int, codebook_size: int, focused_layers: int
+) -> list[str]:
+    """Gate 1. Returns the list of problems (empty = pass)."""
+    problems: list[str] = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        return [f"onnx.checker: {exc}"]
+    proto = onnx.load(str(path))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:
+        return [f"shape inference: {exc}"]
+    out = inferred.graph.output[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in out.shape.dim]
+    if out.elem_type != onnx.TensorProto.FLOAT or len(dims) != 3 or dims[1:] != [num_levels, codebook_size]:
+        problems.append(
+            f"output is {onnx.TensorProto.DataType.Name(out.elem_type)} {dims}, expected FLOAT [batch, {num_levels}, {codebook_size}]"
+        )
+    elif isinstance(dims[0], int) and dims[0] > 0:
+        problems.append(f"batch axis of the output is static ({dims[0]})")
+    units = attention_units(proto, FOCUSED_ATTENTION)
+    if len(units) != focused_layers:
+        problems.append(
+            f"expected {focused_layers} named {FOCUSED_ATTENTION} units in the graph, found {len(units)}"
+        )
+    return problems
+
+
+def compare(
+    reference: LogProbsFn,
+    candidate: LogProbsFn,
+    table: SemanticIdTable,
+    trie: CodeTrie,
+    histories: Sequence[np.ndarray],
+    max_history: int,
+    precision: str,
+    beam: int = DEFAULT_BEAM,
+) -> VerificationReport:
+    """Gates 2 and 3 (enforced for fp32 only)."""
+    ref = log_probs_for(reference, histories, table.codes, max_history)
+    got = log_probs_for(candidate, histories, table.codes, max_history)
+    if np.isnan(ref).any() or np.isnan(got).any():  # e.g. a checkpoint with NaN weights
+        diff, agreement = float("nan"), 0.0
+    else:
+        diff = float(np.abs(ref - got).max()) if ref.size else 0.0
+        same = top_items(ref, trie, histories, beam=beam) == top_items(got, trie, histories, beam=beam)
+        agreement = float(same.all(axis=1).mean()) if len(same) else 1.0
+    report = VerificationReport(precision, len(histories), diff, agreement)
+    report.checks += ["onnxruntime vs pytorch log-probs", f"top-{TOP_K} beam search agreement"]
+    if precision == "fp32":
+        if not diff <= MAX_ABS_DIFF_FP32:
+            report.failures.append(
+                f"parity: max |log_probs onnx - torch| = {diff:.3g} > {MAX_ABS_DIFF_FP32:g} over {len(histories)} histories"
+            )
+        if report.topk_agreement < MIN_TOPK_AGREEMENT:
+            report.failures.append(
+                f"top-{TOP_K}: identical for {report.topk_agreement:.2%} of {len(histories)} users, need >= {MIN_TOPK_AGREEMENT:.0%}"
+            )
+    return report
+
+
+def verify_model(
+    onnx_path: str | os.PathLike,
+    model: FAIR,
+    table: SemanticIdTable,
+    trie: CodeTrie,
+    histories: Sequence[np.ndarray],
+    max_history: int,
+    precision: str = "fp32",
+    beam: int = DEFAULT_BEAM,
+) -> VerificationReport:
+    """All gates; raises ``VerificationError`` naming each failed gate and its figure."""
+    cfg = model.cfg
+    focused = cfg.n_layers if cfg.attention == "focused" else 0
+    graph_problems = check_graph(onnx_path, cfg.num_levels, cfg.codebook_size, focused)
+    if graph_problems:
+        raise VerificationError(f"{Path(onnx_path).name}: graph check failed: " + "; ".join(graph_problems))
+    session = ort_session(onnx_path)
+    report = compare(torch_fn(model), onnx_fn(session), table, trie, histories, max_history, precision, beam)
+    report.checks.insert(0, "onnx.checker + strict shape inference + named focused-attention units")
+    if report.failures:
+        raise VerificationError(f"{Path(onnx_path).name} ({precision}): " + "; ".join(report.failures))
+    return report
+
+
+def offline_metrics(
+    fn: LogProbsFn,
+    table: SemanticIdTable,
+    trie: CodeTrie,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    max_history: int,
+    beam: int = DEFAULT_BEAM,
+    batch: int = 256,
+) -> dict[str, float | int]:
+    """Recall/NDCG@5/10 of a model (any runner) on leave-one-out histories, seen items excluded."""
+    keep = [i for i, h in enumerate(histories) if len(h)]
+    hist = [np.asarray(histories[i], dtype=np.int64) for i in keep]
+    items = []
+    for start in range(0, len(hist), batch):
+        part = hist[start : start + batch]
+        lp = log_probs_for(fn, part, table.codes, max_history, batch=batch)
+        items.append(top_items(lp, trie, part, beam=beam))
+    ranked = np.concatenate(items) if items else np.zeros((0, TOP_K), dtype=np.int64)
+    return evaluation_report(ranked, np.asarray(targets)[keep], table.num_items, exclude=hist)
