@@ -273,8 +273,8 @@ def _category_names(num_categories: int) -> tuple[list[str], np.ndarray]:
             if variant == 0
             else f"{_QUALIFIERS[(variant - 1) % len(_QUALIFIERS)]} {noun.title()}"
         )
-        if variant > len(_QUALIFIERS):
-            label = f"{label} {variant // len(_QUALIFIERS) + 1}"
+        if variant > len(_QUALIFIERS):  # past the qualifiers: "Kids Tent 2", "Travel Tent 2", ...
+            label = f"{label} {(variant - 1) // len(_QUALIFIERS) + 1}"
         names.append(f"{dept} | {label}")
         depts.append(d)
     return names, np.asarray(depts, dtype=np.int64)
