@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.data.benchmark import no_gc
 from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError, SequenceDataset
 
 _REVIEWS_GLOB = "reviews_*_5.json*"
@@ -151,6 +152,7 @@ def _read_meta(path: Path, wanted: dict[str, int]) -> dict[str, list[str]]:
     return fields
 
 
+@no_gc()
 def load_amazon_raw(
     path: str | Path, max_history: int = DEFAULT_MAX_HISTORY, core: int = 5
 ) -> SequenceDataset:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.data.benchmark import no_gc
 from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError, SequenceDataset
 
 _SUFFIXES = (".csv", ".csv.gz", ".parquet")
@@ -143,6 +144,7 @@ def read_items(path: Path) -> tuple[list[str], dict[str, list[str]], dict[str, l
     return item_ids, fields, meta
 
 
+@no_gc()
 def load_interactions(path: str | Path, max_history: int = DEFAULT_MAX_HISTORY) -> SequenceDataset:
     """Load a folder with an interactions table and an items table; the name is the folder's."""
     path = Path(path)

@@ -23,232 +23,51 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.data.benchmark import write_benchmark
+from model.data.benchmark import no_gc, write_benchmark
 from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
 
 __all__ = ["generate_synthetic", "write_benchmark"]
 
-_DEPARTMENTS: dict[str, list[str]] = {
-    "Beauty": [
-        "lipstick",
-        "mascara",
-        "eyeliner",
-        "foundation",
-        "blush",
-        "nail polish",
-        "face cream",
-        "serum",
-        "shampoo",
-        "conditioner",
-    ],
-    "Kitchen": [
-        "skillet",
-        "saucepan",
-        "chef knife",
-        "cutting board",
-        "blender",
-        "kettle",
-        "coffee grinder",
-        "mixing bowl",
-        "spatula",
-        "baking sheet",
-    ],
-    "Camping": [
-        "tent",
-        "sleeping bag",
-        "backpack",
-        "headlamp",
-        "camp stove",
-        "water filter",
-        "trekking pole",
-        "hammock",
-        "cooler",
-        "lantern",
-    ],
-    "Fitness": [
-        "yoga mat",
-        "dumbbell",
-        "kettlebell",
-        "resistance band",
-        "jump rope",
-        "foam roller",
-        "pull-up bar",
-        "gym bag",
-        "water bottle",
-        "fitness tracker",
-    ],
-    "Cycling": [
-        "bike helmet",
-        "bike light",
-        "saddle",
-        "tire pump",
-        "bike lock",
-        "cycling gloves",
-        "chain lube",
-        "bottle cage",
-        "bike computer",
-        "pannier",
-    ],
-    "Office": [
-        "notebook",
-        "fountain pen",
-        "desk lamp",
-        "stapler",
-        "file organizer",
-        "planner",
-        "highlighter",
-        "desk chair",
-        "monitor stand",
-        "label maker",
-    ],
-    "Audio": [
-        "headphones",
-        "earbuds",
-        "speaker",
-        "soundbar",
-        "microphone",
-        "turntable",
-        "amplifier",
-        "audio cable",
-        "radio",
-        "subwoofer",
-    ],
-    "Toys": [
-        "puzzle",
-        "building blocks",
-        "plush bear",
-        "toy car",
-        "board game",
-        "kite",
-        "doll",
-        "train set",
-        "science kit",
-        "yo-yo",
-    ],
-    "Garden": [
-        "garden hose",
-        "pruning shears",
-        "watering can",
-        "planter",
-        "seed starter",
-        "rake",
-        "trowel",
-        "bird feeder",
-        "lawn sprinkler",
-        "compost bin",
-    ],
-    "Pets": [
-        "dog collar",
-        "cat toy",
-        "pet bed",
-        "dog leash",
-        "litter box",
-        "aquarium filter",
-        "bird cage",
-        "pet brush",
-        "chew toy",
-        "food bowl",
-    ],
-    "Travel": [
-        "suitcase",
-        "packing cube",
-        "travel pillow",
-        "passport wallet",
-        "luggage tag",
-        "toiletry bag",
-        "travel adapter",
-        "duffel bag",
-        "neck wallet",
-        "luggage scale",
-    ],
-    "Home": [
-        "throw pillow",
-        "blanket",
-        "candle",
-        "picture frame",
-        "wall clock",
-        "vase",
-        "doormat",
-        "curtain",
-        "storage basket",
-        "table lamp",
-    ],
-    "Tools": [
-        "drill",
-        "screwdriver set",
-        "hammer",
-        "tape measure",
-        "spirit level",
-        "wrench set",
-        "utility knife",
-        "work light",
-        "tool box",
-        "stud finder",
-    ],
-    "Baby": [
-        "baby bottle",
-        "pacifier",
-        "diaper bag",
-        "baby monitor",
-        "teether",
-        "stroller",
-        "baby carrier",
-        "bib",
-        "crib sheet",
-        "bath seat",
-    ],
-    "Fishing": [
-        "fishing rod",
-        "fishing reel",
-        "tackle box",
-        "fishing line",
-        "lure set",
-        "landing net",
-        "bait bucket",
-        "fish finder",
-        "waders",
-        "hook set",
-    ],
-    "Music": [
-        "guitar strings",
-        "guitar tuner",
-        "drumsticks",
-        "capo",
-        "keyboard stand",
-        "ukulele",
-        "harmonica",
-        "metronome",
-        "guitar picks",
-        "music stand",
-    ],
-}
+# department: product nouns; each noun is one base category (and the noun in its items' titles)
+_VOCABULARY = """
+Beauty: lipstick, mascara, eyeliner, foundation, blush, nail polish, face cream, serum, shampoo, conditioner
+Kitchen: skillet, saucepan, chef knife, cutting board, blender, kettle, coffee grinder, mixing bowl, spatula, baking sheet
+Camping: tent, sleeping bag, backpack, headlamp, camp stove, water filter, trekking pole, hammock, cooler, lantern
+Fitness: yoga mat, dumbbell, kettlebell, resistance band, jump rope, foam roller, pull-up bar, gym bag, water bottle, fitness tracker
+Cycling: bike helmet, bike light, saddle, tire pump, bike lock, cycling gloves, chain lube, bottle cage, bike computer, pannier
+Office: notebook, fountain pen, desk lamp, stapler, file organizer, planner, highlighter, desk chair, monitor stand, label maker
+Audio: headphones, earbuds, speaker, soundbar, microphone, turntable, amplifier, audio cable, radio, subwoofer
+Toys: puzzle, building blocks, plush bear, toy car, board game, kite, doll, train set, science kit, yo-yo
+Garden: garden hose, pruning shears, watering can, planter, seed starter, rake, trowel, bird feeder, lawn sprinkler, compost bin
+Pets: dog collar, cat toy, pet bed, dog leash, litter box, aquarium filter, bird cage, pet brush, chew toy, food bowl
+Travel: suitcase, packing cube, travel pillow, passport wallet, luggage tag, toiletry bag, travel adapter, duffel bag, neck wallet, luggage scale
+Home: throw pillow, blanket, candle, picture frame, wall clock, vase, doormat, curtain, storage basket, table lamp
+Tools: drill, screwdriver set, hammer, tape measure, spirit level, wrench set, utility knife, work light, tool box, stud finder
+Baby: baby bottle, pacifier, diaper bag, baby monitor, teether, stroller, baby carrier, bib, crib sheet, bath seat
+Fishing: fishing rod, fishing reel, tackle box, fishing line, lure set, landing net, bait bucket, fish finder, waders, hook set
+Music: guitar strings, guitar tuner, drumsticks, capo, keyboard stand, ukulele, harmonica, metronome, guitar picks, music stand
+"""
 # variants of every base category, used when more categories are asked for than there are nouns
-_QUALIFIERS = [
-    "Kids",
-    "Travel",
-    "Pro",
-    "Compact",
-    "Outdoor",
-    "Classic",
-    "Smart",
-    "Eco",
-    "Mini",
-    "Deluxe",
-    "Vintage",
-    "Sport",
-    "Studio",
-    "Home",
-    "Heavy Duty",
-    "Budget",
-    "Luxury",
-    "Wireless",
-    "Family",
-    "Urban",
-]
-_ADJECTIVES = ["lightweight", "premium", "durable", "soft", "bold", "portable", "gentle", "rapid", "organic",
-               "waterproof", "matte", "glossy", "silent", "ergonomic", "foldable", "sleek", "rugged", "cozy",
-               "bright", "natural", "minimalist", "modern", "sturdy", "slim", "quick", "fresh", "warm", "cool",
-               "handy", "tough"]  # fmt: skip
+_QUALIFIER_TEXT = """
+Kids, Travel, Pro, Compact, Outdoor, Classic, Smart, Eco, Mini, Deluxe, Vintage, Sport, Studio,
+Home, Heavy Duty, Budget, Luxury, Wireless, Family, Urban
+"""
+_ADJECTIVE_TEXT = """
+lightweight, premium, durable, soft, bold, portable, gentle, rapid, organic, waterproof, matte,
+glossy, silent, ergonomic, foldable, sleek, rugged, cozy, bright, natural, minimalist, modern,
+sturdy, slim, quick, fresh, warm, cool, handy, tough
+"""
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.replace("\n", ",").split(",") if w.strip()]
+
+
+_DEPARTMENTS = {
+    d.strip(): _words(nouns) for d, nouns in (ln.split(":") for ln in _VOCABULARY.strip().splitlines())
+}
+_QUALIFIERS = _words(_QUALIFIER_TEXT)
+_ADJECTIVES = _words(_ADJECTIVE_TEXT)
 # the position along a category's chain shows in the title: a text encoder sees "what comes next"
 _TIERS = ["starter", "basic", "standard", "plus", "advanced", "pro", "expert", "elite"]
 _BRAND_PARTS = (
@@ -293,6 +112,7 @@ def _default_num_categories(num_items: int) -> int:
     return int(np.clip(num_items // 40, 1, 5000))
 
 
+@no_gc()
 def generate_synthetic(
     num_items: int = 1000,
     num_users: int = 1000,
