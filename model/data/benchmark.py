@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError, SequenceDataset
 
@@ -242,7 +243,7 @@ def _atomic_gzip_write(path: Path, lines: Iterator[str]) -> None:
 
 
 @no_gc()
-def write_benchmark(dataset: SequenceDataset, out_dir: str | Path) -> Path:
+def write_benchmark(dataset: SequenceDataset, out_dir: str | Path, progress: bool = False) -> Path:
     """Write ``dataset`` as ``out_dir/<name>.txt.gz`` + ``out_dir/items.tsv.gz``; returns ``out_dir``.
 
     ``title`` goes to ``text_keywords_idgenrec``, ``brand`` + ``categories`` to ``attributes_s3rec``,
@@ -283,13 +284,16 @@ def write_benchmark(dataset: SequenceDataset, out_dir: str | Path) -> Path:
 
     def item_lines() -> Iterator[str]:
         yield "\t".join(header) + "\n"
-        for i in range(n):
+        for i in tqdm(range(n), desc="writing items", unit="item", disable=not progress):
             yield "\t".join(_clean(col[i]) for col in columns) + "\n"
 
     item_ids = dataset.item_ids
 
     def sequence_lines() -> Iterator[str]:
-        for user, seq in zip(dataset.user_ids, dataset.sequences, strict=True):
+        users = zip(dataset.user_ids, dataset.sequences, strict=True)
+        for user, seq in tqdm(
+            users, desc="writing sequences", unit="user", total=dataset.num_users, disable=not progress
+        ):
             if len(seq) == 0:
                 continue  # the format has no way to say "a user with no items"
             yield _check_token("user", user) + " " + " ".join(item_ids[i] for i in seq.tolist()) + "\n"

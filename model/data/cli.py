@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "synth":
             start = time.perf_counter()
-            dataset = generate_synthetic(args.items, args.users, args.noise, args.seed, name=args.name)
-            out = write_benchmark(dataset, args.out)
+            big = args.items * 2 + args.users >= 500_000  # progress bars only where they help
+            dataset = generate_synthetic(
+                args.items, args.users, args.noise, args.seed, name=args.name, progress=big
+            )
+            out = write_benchmark(dataset, args.out, progress=big)
             s = dataset_stats(dataset)
             print(
                 f"wrote {out}: {s['users']} users, {s['items']} items, {s['interactions']} interactions "
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{key:<24} {value}")
         else:
             dataset = load_dataset(args.data)
-            out = write_benchmark(dataset, args.out)
+            out = write_benchmark(dataset, args.out, progress=dataset.num_items >= 250_000)
             print(f"wrote {out}: {dataset.num_users} users, {dataset.num_items} items")
     except (ValueError, OSError) as exc:  # DataFormatError is a ValueError; messages name file:line
         print(f"fair-data: error: {exc}", file=sys.stderr)

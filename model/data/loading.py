@@ -55,8 +55,8 @@ def parse_synthetic_spec(spec: str) -> dict[str, object]:
     for part in filter(None, (p.strip() for p in body.split(","))):
         key, sep, value = part.partition("=")
         key = _SPEC_ALIASES.get(key.strip(), key.strip())
-        if not sep or key not in params or key == "max_history":
-            allowed = sorted({*_SPEC_ALIASES, *params} - {"max_history", *_SPEC_ALIASES.values()})
+        if not sep or key not in params or key in ("max_history", "progress"):
+            allowed = sorted({*_SPEC_ALIASES, *params} - {"max_history", "progress", *_SPEC_ALIASES.values()})
             raise ValueError(f"bad synthetic spec part {part!r} in {spec!r}; keys: {', '.join(allowed)}")
         default = params[key].default
         try:

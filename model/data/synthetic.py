@@ -22,6 +22,7 @@ by ``seed``, and the simulation is vectorised over users (one loop over time ste
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from model.data.benchmark import no_gc, write_benchmark
 from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
@@ -126,6 +127,7 @@ def generate_synthetic(
     max_length: int = 50,
     drift: float = 0.1,
     max_history: int = DEFAULT_MAX_HISTORY,
+    progress: bool = False,
 ) -> SequenceDataset:
     """Generate a catalog + chronological histories (see the module docstring for the pattern).
 
@@ -133,6 +135,7 @@ def generate_synthetic(
     interest is swapped. Sequence lengths are ``min_length`` + a geometric tail with mean
     ``mean_length`` (Amazon-like), capped at ``max_length``; items never repeat within a user, so a
     user can end up a little shorter than drawn when the catalog is tiny. Same arguments, same data.
+    ``progress`` shows a progress bar (stderr) over the simulated time steps.
     """
     if num_items < 1 or num_users < 1:
         raise ValueError(f"need at least one item and one user, got items={num_items} users={num_users}")
@@ -208,7 +211,7 @@ def generate_synthetic(
     slot_pos = start_pos(slot_cat)
     clicks = np.empty((U, steps), dtype=np.int64)
     users = np.arange(U)
-    for t in range(steps):
+    for t in tqdm(range(steps), desc="simulating clicks", unit="step", disable=not progress):
         slot = np.minimum((rng.random(U)[:, None] > cum_weight).sum(axis=1), K - 1)  # [U] by weight
         drifting = rng.random(U) < drift
         cat = slot_cat[users, slot]
