@@ -1,0 +1,144 @@
+"""Bundle layout, versions, checksums and atomic writing (export.bundle, no export involved)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_export import tiny_table
+
+from export.bundle import (
+    BUNDLE_FILES,
+    BundleError,
+    BundleStaging,
+    list_versions,
+    load_bundle,
+    resolve_bundle,
+    save_trie,
+    utc_now,
+    verify_checksums,
+    write_bundle,
+)
+from model.semantic_ids.trie import CodeTrie
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """Files and manifest of a small valid bundle (model.onnx content is irrelevant here)."""
+    table = tiny_table()
+    table.save(tmp_path / "sid.npz")
+    save_trie(CodeTrie.from_codes(table.codes, table.codebook_size), tmp_path / "trie.npz")
+    np.save(tmp_path / "pop.npy", np.array([3, 1, 2], dtype=np.int64))
+    files = {
+        "model.onnx": b"not really onnx",
+        "semantic_ids.npz": tmp_path / "sid.npz",
+        "trie.npz": tmp_path / "trie.npz",
+        "popular.npy": tmp_path / "pop.npy",
+    }
+    manifest = {
+        "name": "m",
+        "created": utc_now(),
+        "precision": "fp32",
+        "source": {},
+        "model_config": {},
+        "code_length": table.code_length,
+        "codebook_size": table.codebook_size,
+        "num_items": table.num_items,
+        "max_history": 6,
+        "sid_sha256": table.sha256(),
+        "opset": 18,
+        "inputs": [],
+        "outputs": [],
+        "metrics": {},
+        "verification": {},
+        "exporter": {"name": "test"},
+    }
+    return files, manifest, table
+
+
+def test_versions_auto_increment_and_resolve_picks_newest_or_pinned(tmp_path, parts):
+    files, manifest, _ = parts
+    model_dir = tmp_path / "root" / "m"
+    assert [write_bundle(model_dir, manifest, files).name for _ in range(3)] == ["1", "2", "3"]
+    assert list_versions(model_dir) == [1, 2, 3]
+    assert resolve_bundle(model_dir) == model_dir / "3"
+    assert resolve_bundle(model_dir, version=2) == model_dir / "2"
+    assert resolve_bundle(model_dir / "1") == model_dir / "1"
+    assert json.loads((model_dir / "2" / "manifest.json").read_text())["version"] == 2
+    with pytest.raises(BundleError, match="no version 7"):
+        resolve_bundle(model_dir, version=7)
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(model_dir, manifest, files, version=2)
+    assert write_bundle(model_dir, manifest, files, version=10).name == "10"
+    assert resolve_bundle(model_dir).name == "10"  # integer order, not string order
+
+
+def test_load_bundle_reads_every_part(tmp_path, parts):
+    files, manifest, table = parts
+    loaded = load_bundle(write_bundle(tmp_path / "m", manifest, files))
+    assert (loaded.name, loaded.version, loaded.precision, loaded.max_history) == ("m", 1, "fp32", 6)
+    assert loaded.table.sha256() == table.sha256()
+    assert loaded.trie.num_items == table.num_items
+    assert loaded.popular.tolist() == [3, 1, 2]
+    assert loaded.model_path.read_bytes() == b"not really onnx"
+    assert verify_checksums(loaded.dir) == []
+
+
+def test_checksums_catch_a_flipped_byte_a_missing_and_a_stray_file(tmp_path, parts):
+    files, manifest, _ = parts
+    path = write_bundle(tmp_path / "m", manifest, files)
+    data = bytearray((path / "trie.npz").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (path / "trie.npz").write_bytes(bytes(data))
+    (path / "popular.npy").unlink()
+    (path / "extra.bin").write_bytes(b"x")
+    problems = verify_checksums(path)
+    assert any(p.startswith("trie.npz: sha256") for p in problems)
+    assert "popular.npy: missing" in problems
+    assert any(p.startswith("extra.bin: present but not listed") for p in problems)
+    with pytest.raises(BundleError, match="checksum check failed"):
+        load_bundle(path)
+
+
+def test_load_bundle_rejects_a_table_that_is_not_the_manifests(tmp_path, parts):
+    files, manifest, _ = parts
+    other = tiny_table(seed=5)
+    other.save(tmp_path / "other.npz")
+    path = write_bundle(tmp_path / "m", manifest, {**files, "semantic_ids.npz": tmp_path / "other.npz"})
+    with pytest.raises(BundleError, match="sid_sha256"):
+        load_bundle(path)
+
+
+def test_a_failed_staging_leaves_nothing_behind(tmp_path, parts):
+    files, manifest, _ = parts
+    root = tmp_path / "root"
+    with pytest.raises(RuntimeError, match="verification failed"), BundleStaging(root / "m") as staging:
+        (staging.path / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("verification failed")
+    assert not root.exists()  # created by the staging, removed with it
+    with pytest.raises(BundleError, match="lacks file"):
+        write_bundle(root / "m", manifest, {"model.onnx": b"x"})
+    assert not root.exists()
+    # an existing model directory survives, and keeps only its finished versions
+    write_bundle(root / "m", manifest, files)
+    with pytest.raises(BundleError), BundleStaging(root / "m") as staging:
+        staging.commit({"name": "m"})  # incomplete: no files, no manifest fields
+    assert sorted(p.name for p in (root / "m").iterdir()) == ["1"]
+    assert sorted(p.name for p in (root / "m" / "1").iterdir()) == sorted([*BUNDLE_FILES, "manifest.json"])
+
+
+def test_unwritable_output_is_a_bundle_error(tmp_path, parts):
+    files, manifest, _ = parts
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(BundleError, match="cannot write a bundle here"):
+        write_bundle(blocker / "m", manifest, files)
+
+
+def test_resolve_rejects_a_directory_without_versions(tmp_path):
+    (tmp_path / "m" / ".staging-x").mkdir(parents=True)  # in-flight staging dirs never count
+    with pytest.raises(BundleError, match="neither a bundle"):
+        resolve_bundle(tmp_path / "m")
+    with pytest.raises(BundleError, match="no such bundle"):
+        resolve_bundle(tmp_path / "nope")

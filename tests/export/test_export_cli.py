@@ -1,0 +1,163 @@
+"""fair-export end to end on a tiny model: parity, graph shape, inspect, int8, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_export import TINY_CONFIG, build_tiny_run, tiny_table, write_tiny_data
+
+from export.bundle import load_bundle
+from export.cli import main
+from export.onnx_export import FOCUSED_ATTENTION, attention_units
+from model.search.beam import constrained_beam_search
+from model.search.inputs import histories_to_inputs
+from model.train.checkpoint import load_model
+
+
+def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
+    bundle = load_bundle(tiny_bundle)
+    model, _ = load_model(tiny_run / "best.pt")
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    # several batch sizes and history lengths, including ones longer than the model's position table
+    for batch, longest in [(1, 1), (5, 3), (17, 12)]:
+        histories = [
+            rng.choice(bundle.table.num_items, size=int(rng.integers(1, longest + 1))) for _ in range(batch)
+        ]
+        codes, mask = histories_to_inputs(histories, bundle.table.codes, max_history=longest)
+        (got,) = session.run(None, {"codes": codes, "item_mask": mask})
+        with torch.no_grad():
+            want = model.next_item_log_probs(torch.from_numpy(codes), torch.from_numpy(mask)).numpy()
+        assert got.shape == (batch, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"])
+        assert np.abs(got - want).max() <= 1e-4
+        top_got = constrained_beam_search(got, bundle.trie, beam_size=20, k=10, exclude=histories).items
+        top_want = constrained_beam_search(want, bundle.trie, beam_size=20, k=10, exclude=histories).items
+        assert (top_got == top_want).all(axis=1).mean() >= 0.99
+
+    v = bundle.manifest["verification"]["fp32"]
+    assert v["users"] == 256 and v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
+    assert bundle.manifest["metrics"]["run"]["test"]["recall@10"] == 0.5  # the run's metrics.json
+
+
+def test_manifest_describes_the_graph(tiny_bundle):
+    manifest = load_bundle(tiny_bundle).manifest
+    proto = onnx.load(str(tiny_bundle / "model.onnx"))
+    assert (
+        [i.name for i in proto.graph.input]
+        == [i["name"] for i in manifest["inputs"]]
+        == ["codes", "item_mask"]
+    )
+    assert [o.name for o in proto.graph.output] == ["log_probs"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert dims == [["batch", "items", 3], ["batch", "items"]]
+    assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
+    assert manifest["model_config"]["n_layers"] == TINY_CONFIG["n_layers"]
+
+
+def test_focused_attention_is_a_named_unit_per_layer(tiny_bundle):
+    proto = onnx.load(str(tiny_bundle / "model.onnx"))
+    units = attention_units(proto, FOCUSED_ATTENTION)
+    assert sorted(units) == [f"blocks.{i}:Block/attn" for i in range(TINY_CONFIG["n_layers"])]
+    for nodes in units.values():
+        ops = [n.op_type for n in nodes]
+        # two attention maps per head (the differential form), their difference, and the head norm
+        assert ops.count("Softmax") == 2 and "Sub" in ops
+        assert any("head_norm:RMSNorm" in n.name for n in nodes)
+    assert not any(n.op_type == "Softmax" and FOCUSED_ATTENTION not in n.name for n in proto.graph.node)
+
+
+def test_inspect_passes_then_detects_a_flipped_byte(tiny_bundle, tmp_path, capsys):
+    assert main(["inspect", str(tiny_bundle.parent)]) == 0  # the model directory: newest version
+    assert "checksums  all match" in capsys.readouterr().out
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    assert main(["inspect", str(copy), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["problems"][0].startswith("model.onnx: sha256")
+    assert report["manifest"]["version"] == 1
+
+
+def test_int8_export_runs_and_records_its_own_offline_metrics(tiny_run, tmp_path):
+    data = write_tiny_data(tmp_path / "data", tiny_table())
+    out = tmp_path / "bundles"
+    assert main(["--run", str(tiny_run), "--data", str(data), "--out", str(out), "--quantize", "int8"]) == 0
+    bundle = load_bundle(out / "fair")
+    assert bundle.version == 1 and bundle.precision == "int8"
+    ops = {n.op_type for n in onnx.load(str(bundle.model_path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops
+    verification = bundle.manifest["verification"]
+    assert verification["fp32"]["max_abs_diff"] <= 1e-4  # the fp32 graph it came from passed the gates
+    assert verification["fp32"]["histories"] == "dataset test split"
+    assert 0 < verification["int8"]["max_abs_diff"] < 1.0  # measured, not enforced
+    offline = bundle.manifest["metrics"]["bundle"]
+    assert offline["precision"] == "int8" and offline["users"] == 60 and offline["invalid_rate"] == 0.0
+    assert 0.0 <= offline["ndcg@10"] <= offline["recall@10"] <= 1.0
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    codes, mask = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
+    assert session.run(None, {"codes": codes, "item_mask": mask})[0].shape == (2, 3, 16)
+
+
+def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bundles"
+    # fp32 reaches ~1e-6, int8 cannot reach 1e-5: the explicit limit makes the int8 check fail
+    rc = main(["--run", str(tiny_run), "--out", str(out), "--quantize", "int8", "--max-abs-diff", "1e-5"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: int8: parity: max |log_probs onnx - torch|" in err and "> 1e-05" in err
+    assert not out.exists()
+
+
+def _checkpoint_dict(run):
+    return torch.load(run / "best.pt", weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "no such checkpoint"),
+        ("corrupt", "not a readable checkpoint"),
+        ("unknown_config", "model config not understood by this exporter"),
+        ("user_token", "hashed user token"),
+        ("other_table", "semantic-ID table does not match the checkpoint"),
+        ("unwritable", "cannot write a bundle here"),
+        ("existing_version", "version 1 already exists"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damage, message):
+    run = build_tiny_run(tmp_path / "run", **({"user_buckets": 4} if damage == "user_token" else {}))
+    ckpt = run / "best.pt"
+    out = tmp_path / "bundles"
+    args = ["--checkpoint", str(ckpt), "--out", str(out)]
+    if damage == "missing":
+        args[1] = str(run / "nope.pt")
+    elif damage == "corrupt":
+        ckpt.write_bytes(b"\x00garbage" * 10)
+    elif damage == "unknown_config":
+        d = _checkpoint_dict(run)
+        d["model_config"]["focus_temperature"] = 2.0
+        torch.save(d, ckpt)
+    elif damage == "other_table":
+        tiny_table(seed=9).save(run / "semantic_ids.npz")
+    elif damage == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "bundles"
+        args[-1] = str(out)
+    elif damage == "existing_version":
+        (out / "fair" / "1").mkdir(parents=True)
+        args += ["--version", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fair-export: error:") and message in err[0]
+    if damage == "existing_version":
+        assert sorted(p.name for p in (out / "fair").iterdir()) == ["1"]
+    else:
+        assert not out.exists()
