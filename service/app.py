@@ -151,7 +151,7 @@ def _lifespan(state: AppState):
             state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
             url = state.embedded.url
         state.store = HistoryStore(
-            async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0),
+            async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0, s.redis_max_connections),
             prefix=s.history_key_prefix,
             max_items=s.history_max_items,
         )
@@ -290,12 +290,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 known = [index[i] for i in raw if i in index]
                 if len(known) < len(raw):
                     metrics.UNKNOWN_ITEMS.inc(len(raw) - len(known))
-                seen = np.unique(np.asarray(known, dtype=np.int64)) if known else None
-                exclude = seen if body.exclude_seen else None
+                exclude = (
+                    np.unique(np.asarray(known, dtype=np.int64)) if body.exclude_seen and known else None
+                )
                 if not known:
                     reason = "unknown_user" if not raw else "no_known_items"
                     metrics.FALLBACK.labels(reason=reason).inc()
-                    items = _popular(engine, body.k, exclude)
+                    items = _items(engine, engine.bundle.popular[: body.k], None)  # nothing known to exclude
                     fallback = "popular"
                 else:
                     job = Job(
@@ -460,13 +461,6 @@ def _items(engine: Engine, items: np.ndarray, scores: np.ndarray | None) -> list
         )
         for r, i in enumerate(items)
     ]
-
-
-def _popular(engine: Engine, k: int, exclude: np.ndarray | None) -> list[RecommendedItem]:
-    popular = engine.bundle.popular
-    if exclude is not None and exclude.size:
-        popular = popular[~np.isin(popular, exclude)]
-    return _items(engine, popular[:k], None)
 
 
 def _model_summary(engine: Engine) -> ModelResponse:

@@ -13,6 +13,7 @@ every worker. With ``--workers > 1`` Prometheus multiprocess mode is switched on
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -53,22 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_value(name: str, value: str) -> str:
-    """CLI strings -> what pydantic-settings parses from the environment (lists are JSON there)."""
-    if name == "providers" and not value.lstrip().startswith("["):
-        import json
-
-        return json.dumps([p.strip() for p in value.split(",") if p.strip()])
+def _parse(name: str, value: str):
+    """CLI string -> a value pydantic accepts as an init argument (lists are comma-separated)."""
+    if name == "providers":
+        return [p.strip() for p in value.split(",") if p.strip()]
     return value
+
+
+def _env_value(value) -> str:
+    """The form pydantic-settings parses back from the environment (lists as JSON)."""
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: _env_value(k, v) for k, v in vars(args).items() if v is not None}
-    for name, value in overrides.items():
-        os.environ[f"FAIR_{name.upper()}"] = value
+    overrides = {k: _parse(k, v) for k, v in vars(args).items() if v is not None}
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.bundle is not None and not settings.bundle.exists():
         print(f"fair-serve: --bundle {settings.bundle}: no such directory", file=sys.stderr)
         return 2
+    # Worker processes build their settings from the environment alone: hand the flags down.
+    for name, value in overrides.items():
+        os.environ[f"FAIR_{name.upper()}"] = _env_value(value)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

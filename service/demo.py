@@ -92,9 +92,11 @@ def cli_command(name: str, *args: str) -> list[str]:
 def run_step(name: str, args: list[str], env: dict[str, str]) -> None:
     shown = " ".join([name, *args])
     print(f"fair-demo: $ {shown}", flush=True)
+    started = time.monotonic()
     rc = subprocess.call(cli_command(name, *args), env=env)
     if rc != 0:
         raise DemoError(f"step failed (exit {rc}): {shown}")
+    print(f"fair-demo: {name} took {time.monotonic() - started:.1f} s", flush=True)
 
 
 def child_env() -> dict[str, str]:
@@ -224,8 +226,11 @@ def serve(paths: DemoPaths, opts: argparse.Namespace) -> int:
     if opts.redis:
         env["FAIR_REDIS_URL"] = opts.redis
     print(f"fair-demo: $ fair-serve {' '.join(args)}", flush=True)
-    proc = subprocess.Popen(cli_command("fair-serve", *args), env=env)
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    # Own session: a terminal's Ctrl-C reaches only this process, which forwards it once (a second
+    # SIGINT would make uvicorn skip draining); SIGTERM (docker stop, kill) is forwarded the same way.
+    proc = subprocess.Popen(cli_command("fair-serve", *args), env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
     shown_host = "localhost" if opts.host in ("0.0.0.0", "127.0.0.1", "::") else opts.host
     try:
         base = (
@@ -239,19 +244,21 @@ def serve(paths: DemoPaths, opts: argparse.Namespace) -> int:
         print(
             "\nFAIR demo is serving. Try it:\n\n"
             f"  {curl_example(shown_host, opts.port, user)}\n\n"
-            f"  -> model {answer.get('model_version')}, top item {answer['items'][0]['item_id']} "
+            f"  -> model version {answer.get('model_version')}, top item {answer['items'][0]['item_id']} "
             f"(fallback: {answer.get('fallback')})\n"
             f"  API docs: http://{shown_host}:{opts.port}/docs   metrics: http://{shown_host}:{opts.port}/metrics\n"
             "  Ctrl-C stops the service.\n",
             flush=True,
         )
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return _stop(proc)
+        return _exit_code(proc.wait())
     except DemoError:
         _stop(proc)
         raise
+
+
+def _exit_code(rc: int) -> int:
+    """A service stopped by Ctrl-C or SIGTERM (uvicorn re-raises the signal after draining) ended well."""
+    return 0 if rc in (0, -signal.SIGINT, -signal.SIGTERM) else (rc if rc > 0 else 128 - rc)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int:

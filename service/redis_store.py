@@ -24,7 +24,10 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from service import metrics
 
@@ -38,21 +41,37 @@ class StoreUnavailable(RuntimeError):
 
 
 # ---- clients ----------------------------------------------------------------------------------------
-def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2):
-    """An asyncio client (standalone or cluster) with short timeouts: a dead Redis must fail fast."""
+def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2, max_connections: int = 64):
+    """An asyncio client (standalone or cluster) with short timeouts: a dead Redis must fail fast.
+
+    The pool is bounded and blocking: a burst of requests waits for one of ``max_connections``
+    connections instead of opening hundreds at once (which a busy server answers with connect timeouts);
+    the wait is bounded by the request deadline (504), not reported as Redis being down.
+    """
+    # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: the
+    # client's default of 10 backed-off retries turns "Redis is down" into seconds of hanging.
     kwargs = dict(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         decode_responses=True,
+        retry=AsyncRetry(NoBackoff(), 1),
     )
     if cluster:
-        return AsyncRedisCluster.from_url(url, **kwargs)
-    return aioredis.from_url(url, health_check_interval=30, **kwargs)
+        return AsyncRedisCluster.from_url(url, max_connections=max_connections, **kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, health_check_interval=30, **kwargs
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def sync_client(url: str, cluster: bool = False, timeout_s: float = 5.0):
     """A blocking client for CLIs (bulk loading), same URL rules as the service."""
-    kwargs = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True)
+    kwargs = dict(
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+    )
     if cluster:
         return RedisCluster.from_url(url, **kwargs)
     return redis.from_url(url, **kwargs)
@@ -153,7 +172,7 @@ class EmbeddedRedis:
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1)
+        client = self._probe()
         try:
             while True:
                 try:
@@ -174,9 +193,15 @@ class EmbeddedRedis:
         log.info("embedded redis-server pid %d at %s (data in %s)", self.proc.pid, self.url, self.data_dir)
         return self
 
+    def _probe(self, timeout_s: float = 1.0) -> redis.Redis:
+        """A client that fails at once (no retries): we are asking "is it up?", not waiting for it."""
+        return redis.Redis(
+            unix_socket_path=str(self.socket_path), socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+
     def _answers(self) -> bool:
         try:
-            return bool(redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1).ping())
+            return bool(self._probe().ping())
         except (redis.RedisError, OSError):
             return False
 
@@ -186,7 +211,7 @@ class EmbeddedRedis:
             return
         if self.proc.poll() is None:
             with contextlib.suppress(redis.RedisError, OSError):  # already down: terminate below
-                redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=5).shutdown(save=True)
+                self._probe(timeout_s=5).shutdown(save=True)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

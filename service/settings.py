@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(False, description="treat redis_url as a seed node of a Redis Cluster")
     redis_timeout_ms: float = Field(200.0, gt=0, description="socket timeout of every Redis call")
+    redis_max_connections: int = Field(64, ge=1, description="connection pool size per worker process")
     data_dir: Path = Field(Path("data/service"), description="embedded Redis keeps its files here")
     history_key_prefix: str = "fair:history:"
     history_max_items: int = Field(200, ge=1, description="each user's list is trimmed to this length")

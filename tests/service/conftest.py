@@ -18,10 +18,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from export.bundle import write_bundle
 from export.onnx_export import DEFAULT_OPSET, export_onnx, io_spec
@@ -34,6 +36,7 @@ from service.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_HISTORY = 8
+HISTORY_MAX_ITEMS = 12  # the shared server trims stored histories to this
 
 
 @dataclass
@@ -155,6 +158,9 @@ def make_settings(tiny_bundle: TinyBundle, redis_settings: dict, **overrides) ->
         intra_op_threads=1,
         inter_op_threads=1,
         providers=["CPUExecutionProvider"],
+        # the 2 test cores are shared with other jobs: generous deadlines, tests that need short ones set them
+        request_timeout_ms=30_000,
+        redis_timeout_ms=5_000,
     )
     values.update(redis_settings)
     values.update(overrides)
@@ -164,6 +170,23 @@ def make_settings(tiny_bundle: TinyBundle, redis_settings: dict, **overrides) ->
 @pytest.fixture(scope="module")
 def server(tiny_bundle, redis_settings):
     """One shared server per test module, pinned to version 1 so reload tests start from a known state."""
-    settings = make_settings(tiny_bundle, redis_settings, bundle=tiny_bundle.model_dir / "1")
+    settings = make_settings(
+        tiny_bundle, redis_settings, bundle=tiny_bundle.model_dir / "1", history_max_items=HISTORY_MAX_ITEMS
+    )
     with LiveServer(settings) as live:
         yield live
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """``/metrics`` as {(sample name, frozenset of label items): value}."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(metrics: dict, _name: str, **labels) -> float:
+    """One sample's value (0.0 when the series has not been created yet)."""
+    return metrics.get((_name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)

@@ -1,0 +1,59 @@
+"""The micro-batcher with a real engine: results match unbatched inference, a full queue refuses,
+closing drains everything already queued."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, BatcherClosed, Job, QueueFull
+from service.engine import load_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return load_engine(tiny_bundle.model_dir, providers=["CPUExecutionProvider"])
+
+
+def _job(engine, loop, n: int, k: int = 5) -> Job:
+    history = np.arange(n % 7 + 1, dtype=np.int64) + n % 11
+    return Job(engine, f"u{n}", history, history, k, 10, loop.create_future(), loop)
+
+
+def test_batched_results_equal_single_requests(engine):
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=64, max_wait_ms=20, queue_size=64)
+        jobs = [_job(engine, loop, n, k=3 + n % 3) for n in range(40)]
+        results = await asyncio.gather(*(batcher.submit(j) for j in jobs))
+        await asyncio.to_thread(batcher.close)
+        return jobs, results
+
+    jobs, results = asyncio.run(run())
+    assert max(j.batch_size for j in jobs) > 1
+    for job, res in zip(jobs, results, strict=True):
+        items, scores = engine.search(engine.forward([job.history]), job.beam_size, job.k, [job.exclude])
+        np.testing.assert_array_equal(res.items, items[0][items[0] >= 0])
+        np.testing.assert_allclose(res.scores, scores[0][items[0] >= 0], atol=1e-5)
+
+
+def test_full_queue_refuses_and_close_drains(engine):
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=1, max_wait_ms=0, queue_size=4)
+        accepted, refused = [], 0
+        for n in range(500):  # submitting never yields to the worker's pace: the queue fills up
+            try:
+                accepted.append(batcher.submit(_job(engine, loop, n)))
+            except QueueFull:
+                refused += 1
+        await asyncio.to_thread(batcher.close)  # drain: every accepted job gets its answer
+        with pytest.raises(BatcherClosed):
+            batcher.submit(_job(engine, loop, 0))
+        return accepted, refused
+
+    accepted, refused = asyncio.run(run())
+    assert refused > 0
+    assert all(f.done() and not f.cancelled() and f.exception() is None for f in accepted)

@@ -1,0 +1,84 @@
+"""Concurrency: many requests at once are micro-batched; a reload under load fails no request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from conftest import ADMIN_TOKEN, sample, scrape
+
+
+async def _burst(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
+
+
+def test_200_concurrent_requests_succeed_in_batches(server, tiny_bundle):
+    ids = tiny_bundle.dataset.item_ids
+    users = tiny_bundle.dataset.user_ids
+    # half through stored histories, half with the history in the body
+    for u in users:
+        httpx.post(f"{server.url}/users/{u}/events", json={"item_ids": ids[:3]})
+    bodies = [
+        {"user_id": users[i % len(users)]}
+        if i % 2
+        else {"user_id": f"anon-{i}", "history": ids[i % 50 : i % 50 + 4]}
+        for i in range(200)
+    ]
+    before = scrape(server.url)
+    responses = asyncio.run(_burst(server.url, bodies))
+    assert [r.status_code for r in responses] == [200] * 200
+    assert all(len(r.json()["items"]) == 10 for r in responses)
+    after = scrape(server.url)
+    batches = sample(after, "fair_batch_size_count") - sample(before, "fair_batch_size_count")
+    singles = sample(after, "fair_batch_size_bucket", le="1.0") - sample(
+        before, "fair_batch_size_bucket", le="1.0"
+    )
+    requests = sample(after, "fair_batch_size_sum") - sample(before, "fair_batch_size_sum")
+    assert requests == 200
+    assert batches - singles > 0, "no batch larger than 1"
+    assert batches < 200
+
+
+def test_reload_under_load_fails_nothing(server, tiny_bundle):
+    ids = tiny_bundle.dataset.item_ids
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def scenario():
+        stop = asyncio.Event()
+        statuses, versions = [], []
+
+        async def load(client: httpx.AsyncClient, n: int):
+            while not stop.is_set():
+                r = await client.post("/recommend", json={"user_id": f"l{n}", "history": ids[n : n + 5]})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.append(r.json()["model_version"])
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            tasks = [asyncio.create_task(load(client, n)) for n in range(16)]
+            await asyncio.sleep(0.3)
+            reload = await client.post("/admin/reload", json={}, headers=auth)
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*tasks)
+        return reload, statuses, versions
+
+    reload, statuses, versions = asyncio.run(scenario())
+    assert reload.status_code == 200, reload.text
+    assert reload.json() == {
+        "name": "tiny", "version": 2, "previous_version": 1, "provider": "CPUExecutionProvider", "changed": True
+    }  # fmt: skip
+    assert statuses and set(statuses) == {200}
+    assert versions[0] == 1 and versions[-1] == 2  # requests admitted before the swap finish on v1
+    assert httpx.get(server.url + "/model").json()["version"] == 2
+    m = scrape(server.url)
+    assert sample(m, "fair_model_info", name="tiny", version=2, provider="CPUExecutionProvider") == 1
+    assert sample(m, "fair_model_info", name="tiny", version=1, provider="CPUExecutionProvider") == 0
+
+    # a second reload to the same version is a no-op; back to 1 works too
+    same = httpx.post(server.url + "/admin/reload", headers=auth).json()
+    assert same["changed"] is False and same["version"] == 2
+    back = httpx.post(server.url + "/admin/reload", json={"version": 1}, headers=auth).json()
+    assert back["version"] == 1 and back["previous_version"] == 2
