@@ -1,0 +1,157 @@
+"""``fair-sid``: build a semantic-ID table for a dataset, or print statistics of one.
+
+fair-sid build --data DIR --out FILE [--method rqvae|rqkmeans] [--levels 3] [--codebook-size 256]
+               [--embeddings FILE.npy | --encoder MODEL_DIR] [--seed S] [--epochs N] [--cache-dir DIR]
+fair-sid stats FILE [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.semantic_ids.build import METHODS, BuildConfig, build_semantic_ids
+from model.semantic_ids.collisions import table_stats
+from model.semantic_ids.encoders import (
+    CachedEncoder,
+    EncoderError,
+    PrecomputedEmbeddings,
+    SentenceTransformerEncoder,
+    TextEncoder,
+    default_cache_dir,
+)
+from model.semantic_ids.rqvae import RQVAEConfig
+from model.semantic_ids.table import SemanticIdError, SemanticIdTable
+
+
+def _load_dataset(path: str):
+    """Any dataset folder the data package can read (benchmark format, raw Amazon, interactions)."""
+    try:
+        from model.data.loading import load_dataset
+    except ImportError:  # the generic loader is not there yet: the benchmark format is
+        from model.data.benchmark import load_benchmark as load_dataset
+    return load_dataset(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fair-sid",
+        description="Semantic IDs: embed item texts, quantize them into code tuples, add a collision code.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser(
+        "build",
+        help="build a semantic-ID table (.npz) for a dataset",
+        description="Embed every item's text (or read --embeddings), quantize, and write a SemanticIdTable. "
+        "Embeddings are cached by content hash, so rebuilding with another method or seed skips the "
+        "embedding stage.",
+    )
+    b.add_argument(
+        "--data", required=True, help="dataset folder (e.g. benchmark format: <Name>.txt.gz + items.tsv.gz)"
+    )
+    b.add_argument("--out", required=True, help="output table, e.g. runs/sid/beauty_rqvae.npz")
+    b.add_argument(
+        "--method", choices=METHODS, default="rqvae", help="quantizer (default: rqvae, as in TIGER)"
+    )
+    b.add_argument(
+        "--levels", type=int, default=3, help="quantization levels before the collision code (default 3)"
+    )
+    b.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--embeddings", help=".npy of precomputed item embeddings [items, dim], row i = item i")
+    src.add_argument(
+        "--encoder", help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)"
+    )
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    b.add_argument(
+        "--epochs", type=int, default=RQVAEConfig.epochs, help=f"RQ-VAE epochs (default {RQVAEConfig.epochs})"
+    )
+    b.add_argument("--batch-size", type=int, default=64, help="text encoder batch size (default 64)")
+    b.add_argument("--cache-dir", help=f"embedding cache folder (default {default_cache_dir()})")
+    b.add_argument("--no-cache", action="store_true", help="always re-embed, never read or write the cache")
+    b.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)",
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser(
+        "stats", help="print statistics of a table", description="Size, uniqueness, utilization, collisions."
+    )
+    s.add_argument("table", help="a semantic-ID table (.npz)")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def _encoder(args: argparse.Namespace) -> TextEncoder:
+    if args.embeddings:
+        return PrecomputedEmbeddings(args.embeddings)
+    enc = SentenceTransformerEncoder(args.encoder, batch_size=args.batch_size, progress=not args.quiet)
+    return enc if args.no_cache else CachedEncoder(enc, args.cache_dir)
+
+
+def _build(args: argparse.Namespace) -> int:
+    cfg = BuildConfig(
+        method=args.method,
+        levels=args.levels,
+        codebook_size=args.codebook_size,
+        seed=args.seed,
+        epochs=args.epochs,
+    )
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise SemanticIdError(f"{out}: is a directory, expected a file name for the table")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    encoder = _encoder(args)  # before loading data: a bad --embeddings file fails fast
+    dataset = _load_dataset(args.data)
+    table = build_semantic_ids(dataset, encoder, cfg, progress=not args.quiet)
+    table.save(out)
+    m = table.meta
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in m["seconds"].items())
+    util = ", ".join(f"{u:.1%}" for u in m["utilization"])
+    print(
+        f"wrote {out}: {table.num_items} items, code length {table.code_length}, method {cfg.method}; "
+        f"utilization per level [{util}]; {m['collisions']} items in collision groups "
+        f"(largest {m['max_collision_group']}); {secs}"
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    table = SemanticIdTable.load(args.table)
+    stats = table_stats(table)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{args.table}")
+    print(f"  items               {stats['items']}")
+    print(f"  unique ids          {stats['unique_ids']}")
+    print(f"  code length         {stats['code_length']}")
+    print(f"  codebook size       {stats['codebook_size']}")
+    print(f"  utilization         {', '.join(f'{u:.1%}' for u in stats['utilization'])}")
+    print(f"  collisions          {stats['collisions']} items (largest group {stats['max_collision_group']})")
+    if table.meta.get("method"):
+        print(f"  built with          {table.meta['method']}, seconds {table.meta.get('seconds')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _build(args) if args.command == "build" else _stats(args)
+    except (SemanticIdError, EncoderError, ValueError, OSError) as exc:
+        print(f"fair-sid: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
