@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from model.data.loading import load_dataset
 from model.semantic_ids.build import METHODS, BuildConfig, build_semantic_ids
 from model.semantic_ids.collisions import table_stats
 from model.semantic_ids.encoders import (
@@ -24,15 +25,6 @@ from model.semantic_ids.encoders import (
 )
 from model.semantic_ids.rqvae import RQVAEConfig
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
-
-
-def _load_dataset(path: str):
-    """Any dataset folder the data package can read (benchmark format, raw Amazon, interactions)."""
-    try:
-        from model.data.loading import load_dataset
-    except ImportError:  # the generic loader is not there yet: the benchmark format is
-        from model.data.benchmark import load_benchmark as load_dataset
-    return load_dataset(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         "embedding stage.",
     )
     b.add_argument(
-        "--data", required=True, help="dataset folder (e.g. benchmark format: <Name>.txt.gz + items.tsv.gz)"
+        "--data",
+        required=True,
+        help="dataset: a folder (benchmark format, raw Amazon dump, interactions+items) or synthetic:items=N,...",
     )
     b.add_argument("--out", required=True, help="output table, e.g. runs/sid/beauty_rqvae.npz")
     b.add_argument(
@@ -112,7 +106,7 @@ def _build(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     encoder = _encoder(args)  # before loading data: a bad --embeddings file fails fast
-    dataset = _load_dataset(args.data)
+    dataset = load_dataset(args.data)
     table = build_semantic_ids(dataset, encoder, cfg, progress=not args.quiet)
     table.save(out)
     m = table.meta
