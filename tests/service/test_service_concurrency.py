@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from conftest import ADMIN_TOKEN, sample, scrape
+from service_testlib import ADMIN_TOKEN, sample, scrape
 
 
 async def _burst(url: str, bodies: list[dict]) -> list[httpx.Response]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import LiveServer, make_settings
+from service_testlib import LiveServer, make_settings
 
 
 def error_of(r: httpx.Response, status: int) -> dict:

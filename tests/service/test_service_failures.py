@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from conftest import ADMIN_TOKEN, LiveServer, make_settings
+from service_testlib import ADMIN_TOKEN, LiveServer, make_settings
 
 from service.redis_store import EmbeddedRedis
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from conftest import scrape
+from service_testlib import scrape
 
 from service.metrics import LATENCY_BUCKETS
 from service.settings import LATENCY_OBJECTIVE_S

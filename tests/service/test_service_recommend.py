@@ -7,7 +7,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from conftest import HISTORY_MAX_ITEMS, MAX_HISTORY, sample, scrape
+from service_testlib import HISTORY_MAX_ITEMS, MAX_HISTORY, sample, scrape
 
 from model.evaluate.ranking import rank_items
 
