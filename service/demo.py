@@ -227,10 +227,12 @@ def serve(paths: DemoPaths, opts: argparse.Namespace) -> int:
         env["FAIR_REDIS_URL"] = opts.redis
     print(f"fair-demo: $ fair-serve {' '.join(args)}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it once (a second
-    # SIGINT would make uvicorn skip draining); SIGTERM (docker stop, kill) is forwarded the same way.
+    # SIGINT would make uvicorn skip draining). SIGTERM is forwarded as SIGINT too: uvicorn drains the
+    # same way for both, but re-raises SIGTERM after draining, which kills fair-serve before it stops
+    # its embedded Redis, while SIGINT ends as an exception that lets it clean up.
     proc = subprocess.Popen(cli_command("fair-serve", *args), env=env, start_new_session=True)
-    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: proc.send_signal(signal.SIGINT))
     shown_host = "localhost" if opts.host in ("0.0.0.0", "127.0.0.1", "::") else opts.host
     try:
         base = (
@@ -263,7 +265,7 @@ def _exit_code(rc: int) -> int:
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
     if proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # see serve(): lets fair-serve stop its embedded Redis
     try:
         return proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
