@@ -1,0 +1,72 @@
+"""``fair-serve`` as operators run it: two worker processes whose metrics add up, and SIGTERM draining
+requests that are still queued for inference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from service_testlib import sample, scrape
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_sum_metrics_and_sigterm_drains(tiny_bundle):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    ids = tiny_bundle.dataset.item_ids
+    with tempfile.TemporaryDirectory(prefix="fair-proc-") as data_dir:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAIR_", "PROMETHEUS_"))}
+        args = [
+            sys.executable, "-m", "service.cli",
+            "--bundle", str(tiny_bundle.model_dir), "--port", str(port), "--workers", "2",
+            "--data-dir", data_dir, "--providers", "CPUExecutionProvider",
+            "--max-wait-ms", "1000", "--request-timeout-ms", "30000", "--log-level", "warning",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "fair-serve did not become ready"
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+
+            def recommend(i: int) -> int:
+                body = {"user_id": f"p{i}", "history": ids[i % 50 : i % 50 + 3]}
+                return httpx.post(url + "/recommend", json=body, timeout=60).status_code
+
+            with ThreadPoolExecutor(16) as pool:  # fresh connections: both workers get traffic
+                assert list(pool.map(recommend, range(40))) == [200] * 40
+            for _ in range(4):  # whichever worker answers the scrape, it reports all workers
+                m = scrape(url)
+                assert (
+                    sample(m, "fair_request_duration_seconds_count", route="/recommend", status="200") == 40
+                )
+
+            # SIGTERM while requests wait in the batcher (max_wait 1 s): all of them are answered
+            with ThreadPoolExecutor(12) as pool:
+                futures = [pool.submit(recommend, i) for i in range(12)]
+                time.sleep(0.4)
+                proc.send_signal(signal.SIGTERM)
+                assert [f.result() for f in futures] == [200] * 12
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
