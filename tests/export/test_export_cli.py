@@ -15,6 +15,8 @@ from tiny_export import TINY_CONFIG, build_tiny_run, tiny_table, write_tiny_data
 from export.bundle import load_bundle
 from export.cli import main
 from export.onnx_export import FOCUSED_ATTENTION, attention_units
+from export.quantize import convert_fp16
+from export.verify import check_graph
 from model.search.beam import constrained_beam_search
 from model.search.inputs import histories_to_inputs
 from model.train.checkpoint import load_model
@@ -161,3 +163,20 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
         assert sorted(p.name for p in (out / "fair").iterdir()) == ["1"]
     else:
         assert not out.exists()
+
+
+def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
+    half = convert_fp16(tiny_bundle / "model.onnx", tmp_path / "model.fp16.onnx")
+    assert (
+        check_graph(half, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"], TINY_CONFIG["n_layers"])
+        == []
+    )
+    table = load_bundle(tiny_bundle).table
+    codes, mask = histories_to_inputs([[5, 6, 7], [8]], table.codes, 6)
+    feeds = {"codes": codes, "item_mask": mask}
+    (fp16_out,) = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
+    (fp32_out,) = ort.InferenceSession(
+        str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, feeds)
+    assert fp16_out.dtype == np.float32 and fp16_out.shape == fp32_out.shape
+    assert 0 < np.abs(fp16_out - fp32_out).max() < 0.05
