@@ -1,0 +1,180 @@
+"""The FAIR network: focused attention vs its reference, reduction to standard attention, padding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.fair import (
+    FAIR,
+    FAIRConfig,
+    focused_attention_fast,
+    focused_attention_reference,
+    lambda_init_for_layer,
+    reference_attention,
+)
+
+torch.set_num_threads(1)
+
+
+def _qkv(B=2, H=2, T=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q1, k1, q2, k2 = (torch.randn(B, H, T, d, generator=g) for _ in range(4))
+    v = torch.randn(B, H, T, 2 * d, generator=g)
+    return q1, k1, q2, k2, v
+
+
+def _allowed(B=2, T=6, padded=2):
+    """Causal, with the first ``padded`` keys of batch row 0 masked (left padding)."""
+    key_real = torch.ones(B, T, dtype=torch.bool)
+    key_real[0, :padded] = False
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return (causal[None] & key_real[:, None, :])[:, None]
+
+
+def _manual_softmax_attention(q, k, v, allowed):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)
+    return probs @ v
+
+
+def test_reference_attention_matches_textbook_softmax_and_zeroes_fully_masked_rows():
+    q1, k1, _, _, v = _qkv()
+    allowed = _allowed()
+    out, probs = reference_attention(q1, k1, v, allowed)
+    torch.testing.assert_close(out, _manual_softmax_attention(q1, k1, v, allowed))
+    # row 0's queries 0 and 1 see only padded keys: all-zero attention and output, no NaN
+    assert torch.equal(probs[0, :, :2], torch.zeros_like(probs[0, :, :2]))
+    assert torch.equal(out[0, :, :2], torch.zeros_like(out[0, :, :2]))
+    torch.testing.assert_close(probs[1].sum(-1), torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.35, 1.2])
+def test_fast_focused_attention_equals_reference(lam):
+    q1, k1, q2, k2, v = _qkv(seed=3)
+    allowed = _allowed()
+    lam_t = torch.tensor(lam)
+    ref, diff = focused_attention_reference(q1, k1, q2, k2, v, lam_t, allowed)
+    fast = focused_attention_fast(q1, k1, q2, k2, v, lam_t, allowed)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    # the definition: softmax1 - lambda softmax2
+    p1 = reference_attention(q1, k1, v, allowed)[1]
+    p2 = reference_attention(q2, k2, v, allowed)[1]
+    torch.testing.assert_close(diff, p1 - lam * p2)
+
+
+def test_focused_attention_reduces_to_standard_when_second_map_vanishes():
+    q1, k1, q2, k2, v = _qkv(seed=5)
+    allowed = _allowed()
+    standard, probs = reference_attention(q1, k1, v, allowed)
+    focused, diff = focused_attention_reference(q1, k1, q2, k2, v, torch.tensor(0.0), allowed)
+    torch.testing.assert_close(focused, standard)
+    torch.testing.assert_close(diff, probs)
+    # two identical maps with lambda = 1 cancel exactly (the common-mode noise the design removes)
+    cancelled, _ = focused_attention_reference(q1, k1, q1, k1, v, torch.tensor(1.0), allowed)
+    assert cancelled.abs().max() < 1e-6
+
+
+def test_fast_attention_has_no_nan_gradients_on_fully_padded_rows():
+    q1, k1, q2, k2, v = (t.requires_grad_() for t in _qkv(seed=7))
+    allowed = _allowed(padded=6)  # batch row 0 is all padding
+    out = focused_attention_fast(q1, k1, q2, k2, v, torch.tensor(0.5), allowed)
+    out.sum().backward()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for t in (q1, k1, q2, k2, v):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_lambda_init_schedule_follows_differential_transformer():
+    assert lambda_init_for_layer(1) == pytest.approx(0.2)
+    assert lambda_init_for_layer(2) == pytest.approx(0.8 - 0.6 * math.exp(-0.3))
+    assert lambda_init_for_layer(30) == pytest.approx(0.8, abs=1e-3)
+
+
+def _inputs(B=3, N=5, L=4, V=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, V, (B, N, L), generator=g)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :3] = False  # a short history, left-padded
+    mask[1] = False  # an empty history
+    return codes * mask[..., None], mask
+
+
+@pytest.mark.parametrize("attention", ["focused", "standard"])
+def test_model_fast_and_plain_paths_agree_and_outputs_have_contract_shapes(attention):
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, attention=attention)
+    model = FAIR(cfg).eval()
+    codes, mask = _inputs()
+    fast = model(codes, mask)
+    plain = model(codes, mask, return_attn=True)
+    assert fast.logits.shape == (3, 5, 4, 16) and fast.history.shape == (3, 5, 32)
+    assert len(plain.attn) == 2 and plain.attn[0].shape == (3, 2, 20, 20)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(fast.logits).all()
+    lp = model.next_item_log_probs(codes, mask)
+    assert lp.shape == (3, 4, 16) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3, 4))
+    torch.testing.assert_close(lp, torch.log_softmax(plain.logits[:, -1], -1))
+
+
+def test_left_padding_does_not_change_the_prediction():
+    torch.manual_seed(0)
+    model = FAIR(FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)).eval()
+    codes, mask = _inputs()
+    short = model.next_item_log_probs(codes[:1, 3:], mask[:1, 3:])  # the same history without padding
+    padded = model.next_item_log_probs(codes[:1], mask[:1])
+    torch.testing.assert_close(short, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_focused_model_reduces_to_standard_layer_when_lambda_is_zero():
+    """With lambda = 0 a focused layer is standard attention over the first Q/K halves (+ its norm)."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=1, n_heads=2, dropout=0.0)
+    attn = FAIR(cfg).blocks[0].attn
+    with torch.no_grad():  # exp(q1.k1) - exp(q2.k2) = -lambda_init  ->  lambda = 0
+        attn.lambda_q2.zero_()
+        attn.lambda_k2.zero_()
+        attn.lambda_q1.fill_(0.0)
+        attn.lambda_q1[0] = 1.0
+        attn.lambda_k1.fill_(0.0)
+        attn.lambda_k1[0] = math.log(1.0 - attn.lambda_init)
+    assert attn.lam().item() == pytest.approx(0.0, abs=1e-6)
+    x = torch.randn(2, 6, 32)
+    allowed = _allowed()
+    y, maps = attn(x, allowed, plain=True, return_attn=True)
+    q, k, v = attn.qkv(x).split(32, dim=-1)
+    q1 = q.view(2, 6, 2, 2, 8)[:, :, :, 0].transpose(1, 2)
+    k1 = k.view(2, 6, 2, 2, 8)[:, :, :, 0].transpose(1, 2)
+    vv = v.view(2, 6, 2, 16).transpose(1, 2)
+    std, probs = reference_attention(q1, k1, vv, allowed)
+    expected = attn.proj((attn.head_norm(std) * (1 - attn.lambda_init)).transpose(1, 2).reshape(2, 6, 32))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps, probs, atol=1e-6, rtol=1e-5)
+
+
+def test_focused_and_standard_networks_have_the_same_size():
+    sizes = {a: FAIR(FAIRConfig(attention=a)).num_params() for a in ("focused", "standard")}
+    assert abs(sizes["focused"] - sizes["standard"]) < 0.01 * sizes["standard"]
+    assert 500_000 < sizes["focused"] < 2_500_000
+
+
+def test_user_token_model_needs_user_buckets():
+    model = FAIR(FAIRConfig(codebook_size=16, d_model=32, n_layers=1, n_heads=2, user_buckets=7)).eval()
+    codes, mask = _inputs()
+    with pytest.raises(ValueError, match="user_buckets"):
+        model(codes, mask)
+    out = model(codes, mask, user_buckets=torch.tensor([0, 3, 6]))
+    assert out.logits.shape == (3, 5, 4, 16) and torch.isfinite(out.logits).all()
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="attention"):
+        FAIRConfig(attention="sparse")
+    with pytest.raises(ValueError, match="divisible"):
+        FAIRConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="unknown"):
+        FAIRConfig.from_dict({"d_model": 32, "width": 3})

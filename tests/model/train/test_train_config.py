@@ -1,0 +1,78 @@
+"""Config loading and the CLI's up-front errors: each says what and where, before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.data.loading import load_dataset
+from model.semantic_ids.table import SemanticIdTable
+from model.train.cli import main
+from model.train.config import ConfigError, load_config, parse_set
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_default_config_file_loads_and_equals_the_dataclass_defaults():
+    assert load_config(REPO / "configs" / "fair_default.toml") == load_config(None)
+
+
+def test_overrides_are_typed_and_ints_widen_to_floats():
+    cfg = load_config(None, ["train.lr=1", "model.attention=standard", 'train.perturb_ops=["drop"]'])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.attention == "standard" and cfg.train.perturb_ops == ["drop"]
+    assert parse_set("train.robust=false") == {"train": {"robust": False}}
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.lrr=1", "unknown key train.lrr"),
+        ("trian.lr=1", "unknown section [trian]"),
+        ("train.lr=fast", "train.lr must be float, got str"),
+        ("model.d_model=1.5", "model.d_model must be int, got float"),
+        ("train.bf16=1", "train.bf16 must be bool, got int"),
+        ('train.perturb_ops=["shuffle"]', "unknown ['shuffle']"),
+        ("lr=1", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(item, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [item])
+    assert message in str(err.value)
+
+
+def test_bad_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlr = 1e-3\nbatchsize = 12\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: unknown key train\.batchsize"):
+        load_config(path)
+    path.write_text("[train\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_rejects_bad_config_before_creating_the_run(synth, tmp_path, capsys):
+    spec, sid = synth
+    out = tmp_path / "run"
+    rc = main(["--data", spec, "--sid", str(sid), "--out", str(out), "--set", "train.nope=1", "--quiet"])
+    assert rc == 2 and not out.exists()
+    assert "unknown key train.nope" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_table_for_another_catalog(synth, tmp_path, capsys):
+    spec, _ = synth
+    dataset = load_dataset(spec)
+    other = tmp_path / "other.npz"
+    ids = dataset.item_ids[:-1]
+    SemanticIdTable(ids, np.arange(len(ids))[:, None] % 200, 200).save(other)
+    out = tmp_path / "run"
+    assert main(["--data", spec, "--sid", str(other), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "semantic-ID table does not match the dataset" in err and not out.exists()
+    assert main(["--data", spec, "--sid", str(tmp_path / "nope.npz"), "--out", str(out), "--quiet"]) == 2
+    assert "no such semantic-ID table" in capsys.readouterr().err
