@@ -38,7 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.bench_beam_search import synthetic_codes  # noqa: E402
 from export.exporter import export_bundle, load_sources  # noqa: E402
 from export.quantize import quantize_int8  # noqa: E402
-from export.verify import offline_metrics, onnx_fn, ort_session  # noqa: E402
+from export.verify import (  # noqa: E402
+    compare,
+    offline_metrics,
+    onnx_fn,
+    ort_session,
+    synthetic_histories,
+    torch_fn,
+)
 from model.fair import FAIR, FAIRConfig  # noqa: E402
 from model.search.inputs import histories_to_inputs  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
@@ -163,6 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         quantize_int8(fp32, int8)
         results["int8_quantize_seconds"] = round(time.perf_counter() - t0, 2)
+        report = compare(
+            torch_fn(src.model),
+            onnx_fn(ort_session(int8)),
+            src.table,
+            src.trie,
+            synthetic_histories(src.table.num_items, args.history),
+            args.history,
+            "int8",
+        )
+        results["int8_vs_pytorch"] = {
+            "max_abs_diff": report.max_abs_diff,
+            "top10_agreement": report.topk_agreement,
+        }
         results["model_mb"] = {"fp32": fp32.stat().st_size / 2**20, "int8": int8.stat().st_size / 2**20}
         print(f"export {results['export_seconds_total']} s; latency:", file=sys.stderr)
         results["latency"] = latency_rows(fp32, int8, src.model, src.table, args.history, args.repeats)
@@ -174,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nexport (trace + verify 256 histories): {results['export_seconds_total']} s "
         f"(trace {results['export_seconds_trace']} s); int8 quantization {results['int8_quantize_seconds']} s; "
-        f"model.onnx {results['model_mb']['fp32']:.1f} MB fp32, {results['model_mb']['int8']:.1f} MB int8\n"
+        f"model.onnx {results['model_mb']['fp32']:.1f} MB fp32, {results['model_mb']['int8']:.1f} MB int8; "
+        f"int8 vs PyTorch on 256 histories: max|diff| {results['int8_vs_pytorch']['max_abs_diff']:.3g}, "
+        f"top-10 identical {results['int8_vs_pytorch']['top10_agreement']:.1%}\n"
     )
     print("| engine | threads | batch 1 median ms (p90) | batch 32 median ms (p90) |")
     print("|---|---:|---:|---:|")

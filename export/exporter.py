@@ -38,6 +38,7 @@ from export.verify import (
     DEFAULT_BEAM,
     DEFAULT_USERS,
     VerificationError,
+    check_graph,
     compare,
     offline_metrics,
     onnx_fn,
@@ -264,6 +265,13 @@ def export_bundle(
             else:
                 raise ExportFailed(f"unknown precision {precision!r}")
             if verify and precision != "fp32":
+                cfg = src.model.cfg
+                focused = cfg.n_layers if cfg.attention == "focused" else 0
+                problems = check_graph(final, cfg.num_levels, cfg.codebook_size, focused)
+                if problems:
+                    raise VerificationError(
+                        f"{precision} model.onnx: graph check failed: " + "; ".join(problems)
+                    )
                 report = compare(
                     torch_fn(src.model),
                     onnx_fn(ort_session(final)),
