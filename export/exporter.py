@@ -48,8 +48,8 @@ from export.verify import (
     torch_fn,
     verify_model,
 )
-from model.data.benchmark import load_benchmark
 from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
+from model.data.loading import load_dataset
 from model.fair import FAIR
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
@@ -165,10 +165,15 @@ def load_sources(
     dataset = None
     if data is not None:
         try:
-            dataset = load_benchmark(data, max_history=max_history)
+            dataset = load_dataset(data, max_history=max_history)
             table.check_catalog(dataset.item_ids, what=f"dataset {data}")
         except (OSError, ValueError) as exc:
             raise ExportFailed(str(exc)) from exc
+        trained_on = ckpt.get("data_fingerprint")
+        if trained_on and trained_on != dataset.fingerprint():
+            raise ExportFailed(
+                f"{data}: not the data {ckpt_path.name} was trained on (data fingerprint differs)"
+            )
 
     pop_path = Path(popular) if popular is not None else home / POPULAR_FILE
     if pop_path.is_file():

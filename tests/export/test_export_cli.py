@@ -132,6 +132,7 @@ def _checkpoint_dict(run):
         ("other_table", "semantic-ID table does not match the checkpoint"),
         ("unwritable", "cannot write a bundle here"),
         ("existing_version", "version 1 already exists"),
+        ("other_data", "not the data best.pt was trained on"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damage, message):
@@ -153,6 +154,11 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "bundles"
         args[-1] = str(out)
+    elif damage == "other_data":
+        d = _checkpoint_dict(run)
+        d["data_fingerprint"] = "0" * 64
+        torch.save(d, ckpt)
+        args += ["--data", str(write_tiny_data(tmp_path / "data", tiny_table()))]
     elif damage == "existing_version":
         (out / "fair" / "1").mkdir(parents=True)
         args += ["--version", "1"]
