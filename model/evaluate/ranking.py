@@ -87,16 +87,22 @@ def rank_items(
     num_users = len(histories)
     items = np.full((num_users, k), EMPTY, dtype=np.int64)
     scores = np.full((num_users, k), -np.inf, dtype=np.float32)
+    # Batch users of similar history length together: a batch is padded to its longest history, and
+    # short histories dominate (Amazon: mean ~7 of 20), so this cuts the forward cost several-fold.
+    # Padding is masked, so the ranking of a user does not depend on its batch-mates.
+    lengths = np.fromiter((min(len(h), max_history) for h in histories), dtype=np.int64, count=num_users)
+    order = np.argsort(lengths, kind="stable")
     was_training = model.training
     model.eval()
     try:
         starts = range(0, num_users, batch_size)
         for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress, leave=False):
-            batch = [np.asarray(h, dtype=np.int64) for h in histories[start : start + batch_size]]
+            users = order[start : start + batch_size]
+            batch = [np.asarray(histories[u], dtype=np.int64) for u in users]
             codes, mask = histories_to_inputs(batch, table.codes, max_history)
             extra = {}
             if user_buckets is not None:
-                buckets = np.asarray(user_buckets[start : start + batch_size], dtype=np.int64)
+                buckets = np.asarray(user_buckets, dtype=np.int64)[users]
                 extra["user_buckets"] = torch.as_tensor(buckets, device=device)
             with torch.no_grad():
                 log_probs = model.next_item_log_probs(
@@ -109,8 +115,8 @@ def rank_items(
                 k=k,
                 exclude=batch if exclude_seen else None,
             )
-            items[start : start + len(batch)] = result.items
-            scores[start : start + len(batch)] = result.scores
+            items[users] = result.items
+            scores[users] = result.scores
     finally:
         model.train(was_training)
     return items, scores

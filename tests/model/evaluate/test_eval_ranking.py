@@ -68,3 +68,20 @@ def test_empty_history_and_bad_sizes_are_errors(setup):
         rank_items(model, table, trie, [np.array([1]), np.array([], dtype=np.int64)])
     with pytest.raises(ValueError, match="beam_size"):
         rank_items(model, table, trie, histories, beam_size=5, k=10)
+
+
+def test_user_token_models_get_each_users_bucket(setup):
+    _, table, trie, histories = setup
+    torch.manual_seed(1)
+    cfg = FAIRConfig(
+        num_levels=L, codebook_size=V, max_items=8, d_model=16, n_layers=1, n_heads=2, user_buckets=5
+    )
+    model = FAIR(cfg)
+    with torch.no_grad():
+        model.user_emb.weight.mul_(50.0)  # make the user token matter for the ranking
+    buckets = np.arange(len(histories)) % 5
+    a, _ = rank_items(model, table, trie, histories, beam_size=12, k=10, batch_size=1, user_buckets=buckets)
+    b, _ = rank_items(model, table, trie, histories, beam_size=12, k=10, batch_size=256, user_buckets=buckets)
+    c, _ = rank_items(model, table, trie, histories, beam_size=12, k=10, user_buckets=(buckets + 1) % 5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
