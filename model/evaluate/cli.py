@@ -25,6 +25,11 @@ from model.semantic_ids.table import SemanticIdError
 from model.semantic_ids.trie import TrieError
 
 PROG = "fair-eval"
+EPILOG = """examples:
+  fair-eval --run runs/beauty_fair --data ../shared/data/amazon/Beauty --json
+  fair-eval --run runs/beauty_fair --data ../shared/data/amazon/Beauty --split valid --checkpoint latest
+  fair-eval --baseline popularity --data ../shared/data/amazon/Beauty --json
+"""
 REPORT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 
 
@@ -33,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Leave-one-out evaluation (full ranking, Recall/NDCG@5/10, invalid-ID rate) of a "
         "fair-train run, or of the popularity baseline.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
