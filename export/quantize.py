@@ -12,6 +12,7 @@ service does not care which precision a bundle holds; the manifest's ``precision
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -38,13 +39,20 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         # the quantizer writes helper files next to its output: keep them out of the bundle
         out = Path(tmp) / dst.name
-        quantize_dynamic(
-            Path(src),
-            out,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-        )
+        # its root-logger advice to pre-process is moot: the exporter already optimised and shape-inferred
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                Path(src),
+                out,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
+        finally:
+            root.setLevel(level)
         os.replace(out, dst)
     return dst
 
