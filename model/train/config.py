@@ -38,6 +38,7 @@ class TrainConfig:
     warmup_steps: int = 200
     max_steps: int = 20000  # length of the cosine schedule; training stops here at the latest
     max_epochs: int = 200
+    budget_minutes: float = 0.0  # > 0: train this long (optimisation time) with the cosine over time
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay float32)
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"train.perturb_ops: unknown {bad}, choose from {list(PERTURB_OPS)}")
         if not 0.0 <= self.perturb_rate <= 1.0:
             raise ConfigError(f"train.perturb_rate must be in [0, 1], got {self.perturb_rate}")
+        if self.budget_minutes < 0:
+            raise ConfigError(f"train.budget_minutes must be >= 0, got {self.budget_minutes}")
         if self.tau <= 0:
             raise ConfigError(f"train.tau must be > 0, got {self.tau}")
         for name in ("max_history", "batch_size", "max_steps", "eval_every", "eval_beam", "log_every"):

@@ -39,11 +39,11 @@ from model.train.plots import plot_curves
 METRIC = "ndcg@10"
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
+def lr_factor(step: int, warmup: int, progress: float, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` as ``progress`` -> 1."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0.0, progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -122,8 +122,9 @@ class Trainer:
             betas=tuple(t.betas),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio)
         )
+        self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -168,6 +169,14 @@ class Trainer:
         self.batch_in_epoch = ckpt["rng"]["batch_in_epoch"]
         self.best_metric = ckpt["best_metric"]
         self.bad_evals = ckpt["rng"]["bad_evals"]
+        self.train_seconds = ckpt["rng"].get("train_seconds", 0.0)
+
+    def _progress(self, step: int) -> float:
+        """Position in the cosine schedule: by training time under a time budget, else by steps."""
+        t = self.cfg.train
+        if t.budget_minutes > 0:
+            return self.train_seconds / (60.0 * t.budget_minutes)
+        return (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
 
     def _checkpoint(self) -> dict[str, Any]:
         cfg = self.cfg.to_dict()
@@ -188,6 +197,7 @@ class Trainer:
                 "seed": self.cfg.train.seed,
                 "batch_in_epoch": self.batch_in_epoch,
                 "bad_evals": self.bad_evals,
+                "train_seconds": self.train_seconds,
             },
         }
 
@@ -276,12 +286,14 @@ class Trainer:
             batches = epoch_batches(self.windows, t.batch_size, t.seed, self.epoch, self.dist.world_size)
             mine = batches[self.dist.rank :: self.dist.world_size]
             while self.batch_in_epoch < len(mine):
+                step_start = time.monotonic()
                 batch = collate(self.windows, mine[self.batch_in_epoch], self.item_codes).to(self.device)
                 terms = self.losses(batch, self._seed_step())
                 self.optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
+                self.train_seconds += time.monotonic() - step_start
                 self.scheduler.step()
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -300,11 +312,15 @@ class Trainer:
                     )
                 bar.update(1)
                 over_time = self.max_minutes is not None and time.monotonic() - start > 60 * self.max_minutes
-                over_time = bool(broadcast_floats([float(over_time)], self.dist)[0])
+                over_budget = t.budget_minutes > 0 and self.train_seconds >= 60 * t.budget_minutes
+                over_time, over_budget = (
+                    bool(x) for x in broadcast_floats([float(over_time), float(over_budget)], self.dist)
+                )
                 if (
                     self.step % t.eval_every == 0
                     or self.step >= t.max_steps
                     or over_time
+                    or over_budget
                     or self.step == stop_at_step
                 ):
                     if self._validate_and_save() >= t.patience:
@@ -313,6 +329,8 @@ class Trainer:
                         stop_reason = "max_steps"
                     elif over_time:
                         stop_reason = "max_minutes"
+                    elif over_budget:
+                        stop_reason = "budget_minutes"
                     elif self.step == stop_at_step:
                         stop_reason = "stop_at_step"
                     net.train()
