@@ -121,10 +121,11 @@ class Trainer:
             lr=t.lr,
             betas=tuple(t.betas),
         )
+        self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio)
         )
-        self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
+
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0

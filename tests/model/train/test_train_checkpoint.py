@@ -79,3 +79,16 @@ def test_resume_continues_exactly(synth, tmp_path):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     log = [json.loads(line) for line in (chunked / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_time_budget_stops_training_at_the_end_of_the_cosine(synth, tmp_path, capsys):
+    spec, sid = synth
+    out = tmp_path / "run"
+    assert _train(spec, sid, out, "--set", "train.budget_minutes=0.003", "--set", "train.eval_every=1000") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["reason"] == "budget_minutes"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    last = [r for r in log if r["kind"] == "train"][-1]
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["rng"]["train_seconds"] >= 0.18
+    assert last["lr"] == pytest.approx(ckpt["train_config"]["lr"] * ckpt["train_config"]["min_lr_ratio"])
