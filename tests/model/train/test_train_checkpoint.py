@@ -84,7 +84,7 @@ def test_resume_continues_exactly(synth, tmp_path):
 def test_time_budget_stops_training_at_the_end_of_the_cosine(synth, tmp_path, capsys):
     spec, sid = synth
     out = tmp_path / "run"
-    assert _train(spec, sid, out, "--set", "train.budget_minutes=0.003", "--set", "train.eval_every=1000") == 0
+    assert _train(spec, sid, out, "--set", "train.budget_minutes=0.003") == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["reason"] == "budget_minutes"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
