@@ -94,3 +94,21 @@ def test_bad_embedding_files_are_named_in_the_error(tmp_path):
 def test_local_model_path_must_be_a_model_directory(tmp_path):
     with pytest.raises(EncoderError, match="not a sentence-transformers model directory"):
         SentenceTransformerEncoder(tmp_path)
+
+
+@pytest.mark.slow
+def test_bundled_minilm_embeds_offline_and_keeps_input_order():
+    """The one test with the real model (~9 s, mostly imports): texts of different lengths land in
+    different batches, yet row i must still embed text i."""
+    enc = SentenceTransformerEncoder(batch_size=2, progress=False)
+    texts = [
+        "red nail polish",
+        "a long description of a men's electric beard trimmer with charger",
+        "pink nail lacquer",
+    ]
+    out = enc.encode(texts)
+    assert out.shape == (3, 384) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+    sims = out @ out.T
+    assert sims[0, 2] > sims[0, 1] and sims[2, 0] > sims[2, 1]
+    assert enc.model_id == "sentence-transformers/all-MiniLM-L6-v2"
