@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from model.data.loading import load_dataset
-from model.semantic_ids.build import METHODS, BuildConfig, build_semantic_ids
 from model.semantic_ids.collisions import table_stats
 from model.semantic_ids.encoders import (
     CachedEncoder,
@@ -23,7 +22,6 @@ from model.semantic_ids.encoders import (
     TextEncoder,
     default_cache_dir,
 )
-from model.semantic_ids.rqvae import RQVAEConfig
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 
 
@@ -48,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--out", required=True, help="output table, e.g. runs/sid/beauty_rqvae.npz")
     b.add_argument(
-        "--method", choices=METHODS, default="rqvae", help="quantizer (default: rqvae, as in TIGER)"
+        "--method",
+        choices=("rqvae", "rqkmeans"),
+        default="rqvae",
+        help="quantizer (default: rqvae, as in TIGER)",
     )
     b.add_argument(
         "--levels", type=int, default=3, help="quantization levels before the collision code (default 3)"
@@ -60,9 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--encoder", help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)"
     )
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    b.add_argument(
-        "--epochs", type=int, default=RQVAEConfig.epochs, help=f"RQ-VAE epochs (default {RQVAEConfig.epochs})"
-    )
+    b.add_argument("--epochs", type=int, help="RQ-VAE training epochs (default: RQVAEConfig.epochs, 50)")
     b.add_argument("--batch-size", type=int, default=64, help="text encoder batch size (default 64)")
     b.add_argument("--cache-dir", help=f"embedding cache folder (default {default_cache_dir()})")
     b.add_argument("--no-cache", action="store_true", help="always re-embed, never read or write the cache")
@@ -89,12 +88,12 @@ def _encoder(args: argparse.Namespace) -> TextEncoder:
 
 
 def _build(args: argparse.Namespace) -> int:
+    # imported here: the quantizers need torch, `fair-sid stats` does not
+    from model.semantic_ids.build import BuildConfig, build_semantic_ids
+
+    options = {"epochs": args.epochs} if args.epochs is not None else {}
     cfg = BuildConfig(
-        method=args.method,
-        levels=args.levels,
-        codebook_size=args.codebook_size,
-        seed=args.seed,
-        epochs=args.epochs,
+        method=args.method, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed, **options
     )
     out = Path(args.out)
     if out.exists() and out.is_dir():

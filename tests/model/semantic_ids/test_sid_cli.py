@@ -1,5 +1,7 @@
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +129,10 @@ def test_stats_text_output(tmp_path, capsys):
     assert main(["stats", str(path)]) == 0
     out = capsys.readouterr().out
     assert "items               2" in out and "collisions          2 items (largest group 2)" in out
+
+
+def test_stats_does_not_need_torch():
+    """``fair-sid stats`` must work (and start fast) where only the serving dependencies exist."""
+    code = "import sys; import model.semantic_ids.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
