@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.redis_store import EmbeddedRedis
 
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on, through the handler that was installed
+    # before it started. The default handler would kill us here, before the cleanup below (and
+    # leave the embedded redis-server running): record the signal instead and exit normally.
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     embedded = None
     mp_dir = None
     try:
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             mp_dir = tempfile.mkdtemp(prefix="fair-prom-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+        if received:  # asked to stop while the embedded Redis was starting
+            return 0
         uvicorn.run(
             "service.app:create_app",
             factory=True,
