@@ -103,6 +103,7 @@ class SemanticIdTable:
                     codebook_size=np.int64(self.codebook_size),
                     meta=np.asarray(json.dumps(self.meta)),
                 )
+            os.chmod(tmp, 0o644)  # mkstemp creates it private; a table is read by other tools and users
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
