@@ -154,6 +154,7 @@ def _lifespan(state: AppState):
             async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0, s.redis_max_connections),
             prefix=s.history_key_prefix,
             max_items=s.history_max_items,
+            max_concurrency=s.redis_max_connections,
         )
         state.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.queue_size)
         try:

