@@ -224,6 +224,12 @@ class EmbeddedRedis:
                 self.proc.wait(timeout=5)
         self.proc = None
 
+    def shutdown_if_running(self) -> None:
+        """Shut down whatever server answers on this data dir's socket, ours or not (cleanup after a crash)."""
+        if self._answers():
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._probe(timeout_s=5).shutdown(save=True)
+
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 

@@ -11,9 +11,12 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 from service_testlib import sample, scrape
+
+from service.redis_store import EmbeddedRedis
 
 
 def _free_port() -> int:
@@ -66,7 +69,42 @@ def test_two_workers_sum_metrics_and_sigterm_drains(tiny_bundle):
                 proc.send_signal(signal.SIGTERM)
                 assert [f.result() for f in futures] == [200] * 12
             assert proc.wait(timeout=60) == 0
+            assert not (Path(data_dir) / "redis.sock").exists()  # embedded Redis shut down too
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_single_worker_sigterm_exits_cleanly_and_stops_redis(tiny_bundle):
+    """uvicorn re-raises the SIGTERM it stopped on; fair-serve must still stop its embedded Redis."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="fair-proc1-") as data_dir:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAIR_", "PROMETHEUS_"))}
+        args = [
+            sys.executable, "-m", "service.cli", "--bundle", str(tiny_bundle.model_dir), "--port", str(port),
+            "--data-dir", data_dir, "--providers", "CPUExecutionProvider", "--log-level", "warning",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while not (Path(data_dir) / "redis.sock").exists() or not _ready(f"http://127.0.0.1:{port}"):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "fair-serve did not become ready"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+            assert not (Path(data_dir) / "redis.sock").exists()
+            assert (Path(data_dir) / "histories.rdb").exists()  # snapshot written on the way out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            EmbeddedRedis(data_dir).shutdown_if_running()  # never leave a server behind on failure
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
