@@ -38,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve FAIR recommendations over HTTP (FastAPI + Redis + ONNX Runtime). "
         "Every flag is also the environment variable FAIR_<FLAG> (e.g. --max-wait-ms = FAIR_MAX_WAIT_MS); "
         "the admin token is FAIR_ADMIN_TOKEN only.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for name, info in Settings.model_fields.items():
         if name in ENV_ONLY:
