@@ -347,6 +347,9 @@ class BundleStaging:
         if missing:
             raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
         files = {name: sha256_file(self.path / name) for name in staged}
+        # mkdtemp made the directory private (0700); a bundle is read by the service, often as
+        # another user (a container's uid), so it gets the mode an ordinary mkdir would give
+        os.chmod(self.path, 0o777 & ~_current_umask())
         for attempt in range(100):
             v = version if version is not None else next_version(self.model_dir)
             if v < 1:
@@ -390,6 +393,12 @@ def write_bundle(
             else:
                 shutil.copyfile(content, staging.path / name)
         return staging.commit(manifest, version)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, obj: Mapping) -> None:

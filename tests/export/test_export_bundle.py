@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -142,3 +144,14 @@ def test_resolve_rejects_a_directory_without_versions(tmp_path):
         resolve_bundle(tmp_path / "m")
     with pytest.raises(BundleError, match="no such bundle"):
         resolve_bundle(tmp_path / "nope")
+
+
+def test_a_bundle_is_readable_by_other_users_as_a_plain_mkdir_would_be(tmp_path, parts):
+    files, manifest, _ = parts
+    old = os.umask(0o022)
+    try:
+        path = write_bundle(tmp_path / "m", manifest, files)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # not mkdtemp's 0700: the service may be another uid
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044 for p in path.iterdir())
