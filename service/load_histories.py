@@ -14,10 +14,9 @@ import argparse
 import os
 import sys
 
-import redis
 from tqdm import tqdm
 
-from service.redis_store import DEFAULT_PREFIX, EmbeddedRedis, sync_client
+from service.redis_store import DEFAULT_PREFIX, REDIS_FAILURES, EmbeddedRedis, sync_client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             url = embedded.url
         client = sync_client(url, cluster=args.cluster)
         users = load_histories(client, dataset, args.prefix, args.max_items, args.chunk, args.cluster)
-    except (redis.RedisError, OSError, RuntimeError) as exc:
+    except (*REDIS_FAILURES, RuntimeError) as exc:
         print(f"fair-load-histories: redis {args.redis or '(embedded)'}: {exc}", file=sys.stderr)
         return 1
     finally:

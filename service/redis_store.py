@@ -28,6 +28,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from service import metrics
@@ -35,6 +36,11 @@ from service import metrics
 log = logging.getLogger("fair.redis")
 
 DEFAULT_PREFIX = "fair:history:"
+
+# Every way a Redis call can fail because Redis is down or unreachable. The Cluster client reports
+# "no node reachable" (and a few routing failures) with RedisClusterException, which is NOT a
+# RedisError: without it an unreachable cluster would be a 500 and crash the readiness probe.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
 
 
 class StoreUnavailable(RuntimeError):
@@ -97,7 +103,7 @@ class HistoryStore:
         try:
             async with self._slots:
                 return await self.client.lrange(self.key(user_id), -self.max_items, -1)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
@@ -110,18 +116,18 @@ class HistoryStore:
                 pipe.llen(key)
                 _, _, length = await pipe.execute()
             return int(length)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     async def ping(self) -> bool:
         try:  # not behind the semaphore: readiness must not flap just because traffic is high
             return bool(await self.client.ping())
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._unavailable(exc)
             return False
 
     async def close(self) -> None:
-        with contextlib.suppress(redis.RedisError, OSError):  # a dead connection: nothing to release
+        with contextlib.suppress(*REDIS_FAILURES):  # a dead connection: nothing to release
             await self.client.aclose()
 
     @staticmethod
