@@ -274,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.REQUESTS_REJECTED.labels(reason="no_model").inc()
             raise unavailable("no_model", "no model loaded yet")
         timing: dict[str, float] = {}
+        k = body.k or settings.default_k
         try:
             async with asyncio.timeout(timeout_s):
                 if body.history is not None:
@@ -297,7 +298,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if not known:
                     reason = "unknown_user" if not raw else "no_known_items"
                     metrics.FALLBACK.labels(reason=reason).inc()
-                    items = _items(engine, engine.bundle.popular[: body.k], None)  # nothing known to exclude
+                    items = _items(engine, engine.bundle.popular[:k], None)  # nothing known to exclude
                     fallback = "popular"
                 else:
                     job = Job(
@@ -305,7 +306,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         user_id=body.user_id,
                         history=np.asarray(known, dtype=np.int64),
                         exclude=exclude,
-                        k=body.k,
+                        k=k,
                         beam_size=body.beam_size or settings.default_beam_size,
                         future=asyncio.get_running_loop().create_future(),
                         loop=asyncio.get_running_loop(),

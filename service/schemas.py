@@ -17,7 +17,9 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId
-    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+    k: int | None = Field(
+        None, ge=1, le=MAX_K, description="number of items to return (default FAIR_DEFAULT_K, 10)"
+    )
     exclude_seen: bool = Field(True, description="never recommend an item of the user's history")
     beam_size: int | None = Field(
         None,
