@@ -124,20 +124,32 @@ async def reload_model(state: AppState, version: int | None) -> tuple[Engine, En
 
 
 async def _poll_bundles(state: AppState) -> None:
-    """Reload when a newer version appears under BUNDLE_ROOT/NAME (unless a version is pinned)."""
+    """Reload when a newer version appears under BUNDLE_ROOT/NAME (unless a version is pinned).
+
+    Any other error (a network mount failing to list the bundle root) is logged and the next poll
+    tries again: an exception escaping here would end polling for good and, re-raised at shutdown,
+    skip draining the queue and stopping Redis.
+    """
     while True:
         await asyncio.sleep(state.settings.bundle_poll_s)
-        model_dir = state.model_dir
-        versions = list_versions(model_dir) if model_dir else []
-        if not versions or state.engine is None:
-            continue
-        newest = versions[-1]
-        if newest > state.engine.version and newest not in state.failed_versions:
-            try:
-                await reload_model(state, newest)
-            except ServiceError as exc:
-                state.failed_versions.add(newest)  # don't retry a broken version every poll
-                log.error("poll: version %d not loaded: %s", newest, exc.message)
+        try:
+            await _poll_once(state)
+        except Exception:
+            log.exception("poll: checking %s for new versions failed", state.model_dir)
+
+
+async def _poll_once(state: AppState) -> None:
+    model_dir = state.model_dir
+    versions = list_versions(model_dir) if model_dir else []
+    if not versions or state.engine is None:
+        return
+    newest = versions[-1]
+    if newest > state.engine.version and newest not in state.failed_versions:
+        try:
+            await reload_model(state, newest)
+        except ServiceError as exc:
+            state.failed_versions.add(newest)  # don't retry a broken version every poll
+            log.error("poll: version %d not loaded: %s", newest, exc.message)
 
 
 # ---- lifespan -----------------------------------------------------------------------------------------
@@ -168,7 +180,7 @@ def _lifespan(state: AppState):
         finally:
             if state.poll_task is not None:
                 state.poll_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # cleanup must go on
                     await state.poll_task
             # Graceful shutdown: uvicorn has stopped accepting and waited for open requests; finish
             # whatever is still queued, then release Redis.

@@ -99,3 +99,29 @@ def test_no_bundle_means_not_ready_and_503(tiny_bundle, redis_settings):
             "ready": False,
             "checks": {"model": False, "redis": True},
         }
+
+
+def test_poll_survives_a_failing_bundle_root(tiny_bundle, redis_settings, tmp_path, monkeypatch):
+    """A transient error listing the bundle root (NFS/FUSE mounts hiccup) must not end polling for good."""
+    import service.app
+
+    model_dir = _copy_versions(tiny_bundle, tmp_path, [1])
+    real_list_versions = service.app.list_versions
+    failures = []
+
+    def flaky_list_versions(path):
+        if len(failures) < 2:
+            failures.append(path)
+            raise OSError(116, "Stale file handle", str(path))
+        return real_list_versions(path)
+
+    settings = make_settings(tiny_bundle, redis_settings, bundle=model_dir, bundle_poll_s=0.05)
+    with LiveServer(settings) as live:
+        monkeypatch.setattr(service.app, "list_versions", flaky_list_versions)
+        shutil.copytree(tiny_bundle.model_dir / "2", tmp_path / "staging")
+        (tmp_path / "staging").rename(model_dir / "2")
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{live.url}/model").json()["version"] != 2:
+            assert time.monotonic() < deadline, "polling stopped after a bundle-root error"
+            time.sleep(0.05)
+        assert failures
