@@ -95,9 +95,18 @@ def list_versions(model_dir: str | os.PathLike) -> list[int]:
         return []
     versions = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
+        if child.is_dir() and _is_version_name(child.name):
             versions.append(int(child.name))
     return sorted(versions)
+
+
+def _is_version_name(name: str) -> bool:
+    """``1``, ``2``, ``10``: plain ASCII digits without a leading zero, so ``str(int(name)) == name``.
+
+    ``str.isdigit`` alone also accepts e.g. ``²`` (which ``int`` rejects) and ``01`` (whose path
+    ``resolve_bundle`` would then rebuild as ``1``).
+    """
+    return name.isascii() and name.isdigit() and name[0] != "0"
 
 
 def next_version(model_dir: str | os.PathLike) -> int:

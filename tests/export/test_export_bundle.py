@@ -155,3 +155,14 @@ def test_a_bundle_is_readable_by_other_users_as_a_plain_mkdir_would_be(tmp_path,
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755  # not mkdtemp's 0700: the service may be another uid
     assert all(stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044 for p in path.iterdir())
+
+
+def test_only_plain_integer_directories_are_versions(tmp_path, parts):
+    files, manifest, _ = parts
+    model_dir = tmp_path / "m"
+    write_bundle(model_dir, manifest, files)
+    for odd in ("²", "01", "0", "v2", "1.5"):
+        (model_dir / odd).mkdir()
+    assert list_versions(model_dir) == [1]
+    assert resolve_bundle(model_dir) == model_dir / "1"
+
