@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from tiny_export import tiny_table
 
+from export import bundle
 from export.bundle import (
     BUNDLE_FILES,
     BundleError,
@@ -166,3 +170,27 @@ def test_only_plain_integer_directories_are_versions(tmp_path, parts):
     assert list_versions(model_dir) == [1]
     assert resolve_bundle(model_dir) == model_dir / "1"
 
+
+def test_concurrent_exports_never_share_a_version(tmp_path, parts, monkeypatch):
+    files, manifest, _ = parts
+    model_dir = tmp_path / "m"
+    writers = 6
+    gate = threading.Barrier(writers)
+    real_next_version = bundle.next_version
+
+    first_calls = itertools.count()
+
+    def next_version_then_wait(path):  # every writer picks its first version before any renames
+        v = real_next_version(path)
+        if next(first_calls) < writers:
+            gate.wait(timeout=10)
+        return v
+
+    monkeypatch.setattr(bundle, "next_version", next_version_then_wait)
+    with ThreadPoolExecutor(writers) as pool:
+        paths = list(pool.map(lambda _: write_bundle(model_dir, manifest, files), range(writers)))
+    assert sorted(int(p.name) for p in paths) == list(range(1, writers + 1))
+    for p in paths:
+        assert json.loads((p / "manifest.json").read_text())["version"] == int(p.name)
+        assert verify_checksums(p) == []
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(str(v) for v in range(1, writers + 1))
