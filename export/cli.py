@@ -23,6 +23,25 @@ EPILOG = """examples:
 """
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    """One plain directory name: the bundle goes to OUT/NAME/VERSION, never elsewhere."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a plain directory name (no '/', not empty, not starting with '.')"
+        )
+    return text
+
+
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fair-export",
@@ -49,8 +68,10 @@ def export_parser() -> argparse.ArgumentParser:
         "and fp16/int8 bundles get their own offline Recall/NDCG in the manifest",
     )
     p.add_argument("--out", type=Path, required=True, help="bundle root; the bundle goes to OUT/NAME/VERSION")
-    p.add_argument("--name", default="fair", help="model name (default: fair)")
-    p.add_argument("--version", type=int, help="integer version (default: one more than the newest)")
+    p.add_argument("--name", type=_model_name, default="fair", help="model name (default: fair)")
+    p.add_argument(
+        "--version", type=_positive_int, help="integer version (default: one more than the newest)"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization")
@@ -59,8 +80,12 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--evaluate", action="store_true", help="also record offline metrics for fp32 (needs --data)"
     )
-    p.add_argument("--users", type=int, default=256, help="histories compared in verification (default 256)")
-    p.add_argument("--beam", type=int, default=20, help="beam size of the top-10 comparison (default 20)")
+    p.add_argument(
+        "--users", type=_positive_int, default=256, help="histories compared in verification (default 256)"
+    )
+    p.add_argument(
+        "--beam", type=_positive_int, default=20, help="beam size of the top-10 comparison (default 20)"
+    )
     p.add_argument(
         "--max-abs-diff",
         type=float,
@@ -140,9 +165,6 @@ def _print_summary(path: Path, m: dict, problems: list[str]) -> None:
 
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
-    if args.version is not None and args.version < 1:
-        print("fair-export: error: --version must be a positive integer", file=sys.stderr)
-        return 2
     # torch and onnx only load for exports: `inspect` stays light
     from export.exporter import ExportFailed, export_bundle, load_sources
     from export.onnx_export import DEFAULT_OPSET

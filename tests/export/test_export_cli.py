@@ -186,3 +186,22 @@ def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
     ).run(None, feeds)
     assert fp16_out.dtype == np.float32 and fp16_out.shape == fp32_out.shape
     assert 0 < np.abs(fp16_out - fp32_out).max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--users", "0"], "--users: must be a positive integer, got 0"),
+        (["--beam", "-3"], "--beam: must be a positive integer, got -3"),
+        (["--version", "0"], "--version: must be a positive integer, got 0"),
+        (["--name", "../elsewhere"], "--name: '../elsewhere': must be a plain directory name"),
+        (["--name", ""], "--name: '': must be a plain directory name"),
+    ],
+)
+def test_bad_arguments_are_a_usage_error_before_anything_runs(tiny_run, tmp_path, capsys, extra, message):
+    out = tmp_path / "bundles"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run", str(tiny_run), "--out", str(out), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists() and not (tmp_path / "elsewhere").exists()
