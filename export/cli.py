@@ -62,7 +62,6 @@ def export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        type=Path,
         help="the run's data (any fair-data format; checked against the checkpoint's fingerprint): verification samples "
         "real test histories from it, "
         "and fp16/int8 bundles get their own offline Recall/NDCG in the manifest",

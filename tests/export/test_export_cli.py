@@ -205,3 +205,12 @@ def test_bad_arguments_are_a_usage_error_before_anything_runs(tiny_run, tmp_path
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_data_takes_a_synthetic_spec_like_every_data_flag(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bundles"
+    args = ["--run", str(tiny_run), "--out", str(out), "--data", "synthetic:items=30,users=20,seed=1"]
+    assert main(args) == 1  # the spec is loaded (not taken for a missing folder), then refused: other catalog
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "semantic-ID table does not match the dataset synthetic:items=30" in err[0]
+    assert not out.exists()
