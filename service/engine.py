@@ -73,8 +73,13 @@ class Engine:
         return result.items, result.scores
 
     def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:
-        """Run the largest and smallest shapes once so the first real request pays no allocation cost."""
+        """Run the largest and smallest shapes once so the first real request pays no allocation cost.
+
+        Also builds the catalog's id -> index dict here (off the event loop): built lazily by the first
+        request, it would stall every request in flight on a large catalog.
+        """
         t0 = time.perf_counter()
+        self.bundle.table.index_of()
         n = min(self.bundle.table.num_items, self.max_history)
         full = np.arange(n, dtype=np.int64)
         for batch in sorted({1, max_batch_size}):

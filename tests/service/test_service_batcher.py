@@ -57,3 +57,11 @@ def test_full_queue_refuses_and_close_drains(engine):
     accepted, refused = asyncio.run(run())
     assert refused > 0
     assert all(f.done() and not f.cancelled() and f.exception() is None for f in accepted)
+
+
+def test_warm_up_builds_the_item_index(tiny_bundle):
+    """The first request after a (re)load must not build the id -> index dict on the event loop."""
+    fresh = load_engine(tiny_bundle.model_dir, providers=["CPUExecutionProvider"])
+    assert fresh.bundle.table._index is None
+    fresh.warm_up(max_batch_size=2, beam_size=4, k=2)
+    assert fresh.bundle.table._index is not None
