@@ -125,41 +125,48 @@ def inspect_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({"path": str(path), "ok": not problems, "problems": problems, "manifest": manifest}))
     else:
-        _print_summary(path, manifest, problems)
+        try:  # built in full first: a malformed field gives one error line, not half a summary
+            lines = _summary_lines(path, manifest, problems)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            return _fail(f"{path / 'manifest.json'}: malformed field ({type(exc).__name__}: {exc})")
+        print("\n".join(lines))
     return 1 if problems else 0
 
 
-def _print_summary(path: Path, m: dict, problems: list[str]) -> None:
+def _summary_lines(path: Path, m: dict, problems: list[str]) -> list[str]:
+    lines: list[str] = []
+    add = lines.append
     cfg = m.get("model_config", {})
-    print(f"bundle     {path}")
-    print(f"model      {m['name']} v{m['version']} ({m['precision']}), created {m['created']}")
-    print(
+    add(f"bundle     {path}")
+    add(f"model      {m['name']} v{m['version']} ({m['precision']}), created {m['created']}")
+    add(
         f"source     {m['source'].get('checkpoint')} (sha256 {str(m['source'].get('checkpoint_sha256'))[:12]}...)"
     )
-    print(
+    add(
         f"network    attention={cfg.get('attention')} layers={cfg.get('n_layers')} d_model={cfg.get('d_model')} "
         f"L={m['code_length']} V={m['codebook_size']} items={m['num_items']} max_history={m['max_history']}"
     )
     for io in m["inputs"]:
-        print(f"input      {io['name']}: {io['dtype']} {io['shape']}")
+        add(f"input      {io['name']}: {io['dtype']} {io['shape']}")
     for io in m["outputs"]:
-        print(f"output     {io['name']}: {io['dtype']} {io['shape']}")
-    print(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
+        add(f"output     {io['name']}: {io['dtype']} {io['shape']}")
+    add(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
     for prec, v in (m.get("verification") or {}).items():
-        print(
+        add(
             f"verified   {prec}: max|diff| {v.get('max_abs_diff'):.3g}, top-10 identical "
             f"{v.get('top10_agreement'):.1%} of {v.get('users')} ({v.get('histories')})"
         )
     for source, values in (m.get("metrics") or {}).items():
         if values:
-            print(f"metrics    {source}: {json.dumps(values, sort_keys=True)}")
+            add(f"metrics    {source}: {json.dumps(values, sort_keys=True)}")
     for name, digest in sorted(m["files"].items()):
-        print(f"file       {name}  {digest[:16]}...")
+        add(f"file       {name}  {digest[:16]}...")
     if problems:
         for line in problems:
-            print(f"PROBLEM    {line}")
+            add(f"PROBLEM    {line}")
     else:
-        print("checksums  all match")
+        add("checksums  all match")
+    return lines
 
 
 def export_main(argv: list[str]) -> int:

@@ -214,3 +214,18 @@ def test_data_takes_a_synthetic_spec_like_every_data_flag(tiny_run, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "semantic-ID table does not match the dataset synthetic:items=30" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("source", "a string"), ("inputs", [1]), ("verification", {"fp32": {}})]
+)
+def test_inspect_reports_a_malformed_manifest_field_in_one_line(tiny_bundle, tmp_path, capsys, field, value):
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    assert main(["inspect", str(copy)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1
+    assert err[0].startswith(f"fair-export: error: {copy / 'manifest.json'}: malformed field")
