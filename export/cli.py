@@ -71,7 +71,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--version", type=_positive_int, help="integer version (default: one more than the newest)"
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default and minimum: 18)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization")
     prec.add_argument("--fp16", action="store_true", help="float16 weights/activations (float32 I/O)")

@@ -32,7 +32,14 @@ from export.bundle import (
     sha256_file,
     utc_now,
 )
-from export.onnx_export import DEFAULT_OPSET, ExportError, check_exportable, export_onnx, io_spec
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    ExportError,
+    check_exportable,
+    check_opset,
+    export_onnx,
+    io_spec,
+)
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import (
     DEFAULT_BEAM,
@@ -237,6 +244,10 @@ def export_bundle(
         evaluate = precision != "fp32" and src.dataset is not None
     if evaluate and src.dataset is None:
         raise ExportFailed("offline metrics need the run's data: pass --data DIR")
+    try:
+        check_opset(opset)  # before anything is written or traced
+    except ExportError as exc:
+        raise ExportFailed(str(exc)) from exc
     try:
         with (
             BundleStaging(model_dir) as staging,

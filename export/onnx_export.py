@@ -29,6 +29,7 @@ from torch import nn
 from model.fair import FAIR, FAIRConfig
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the dynamo exporter writes 18+; its down-converter fails on this graph and keeps 18
 INPUT_NAMES = ("codes", "item_mask")
 OUTPUT_NAME = "log_probs"
 FOCUSED_ATTENTION = "FocusedAttention"
@@ -60,6 +61,20 @@ def check_exportable(cfg: FAIRConfig) -> None:
             f"model has a hashed user token (user_buckets={cfg.user_buckets}); the bundle's model "
             "inputs are codes + item_mask only, so such a model cannot be served"
         )
+
+
+def check_opset(opset: int) -> None:
+    """Refuse opsets the exporter cannot write: it would silently keep 18 and the manifest would lie."""
+    if opset < MIN_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported: torch's exporter writes opset >= {MIN_OPSET} and cannot "
+            f"convert this graph down (use --opset {MIN_OPSET} or higher)"
+        )
+
+
+def onnx_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain (ai.onnx) opset a model imports."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def example_inputs(cfg: FAIRConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +189,12 @@ def export_onnx(
 ) -> Path:
     """Trace ``model.next_item_log_probs`` to ``path`` (dynamic batch/items), scope-named nodes."""
     check_exportable(model.cfg)
+    check_opset(opset)
     path = Path(path)
     wrapper = NextItemLogProbs(model).eval()
     batch, items = torch.export.Dim("batch"), torch.export.Dim("items")
     # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
     with torch.no_grad(), warnings.catch_warnings():
         # the exporter's chatter (axis renames, pytree deprecations) is not the user's business
         warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
@@ -199,6 +214,8 @@ def export_onnx(
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     proto = program.model_proto
+    if onnx_opset(proto) != opset:
+        raise ExportError(f"asked for opset {opset}, the exporter wrote opset {onnx_opset(proto)}")
     name_nodes_by_scope(proto, module_labels(model))
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=str(value))

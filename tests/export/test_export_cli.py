@@ -133,6 +133,7 @@ def _checkpoint_dict(run):
         ("unwritable", "cannot write a bundle here"),
         ("existing_version", "version 1 already exists"),
         ("other_data", "not the data best.pt was trained on"),
+        ("low_opset", "opset 17 is not supported"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damage, message):
@@ -159,6 +160,8 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
         d["data_fingerprint"] = "0" * 64
         torch.save(d, ckpt)
         args += ["--data", str(write_tiny_data(tmp_path / "data", tiny_table()))]
+    elif damage == "low_opset":  # the exporter would keep 18 and the manifest would say 17
+        args += ["--opset", "17"]
     elif damage == "existing_version":
         (out / "fair" / "1").mkdir(parents=True)
         args += ["--version", "1"]
