@@ -112,6 +112,17 @@ def _load_popular(path: Path, num_items: int) -> np.ndarray:
     return popular.astype(np.int64)
 
 
+def _max_history(ckpt: dict, ckpt_path: Path) -> int:
+    """``train_config.max_history`` (the history length the model was trained on), else the default."""
+    train_config = ckpt.get("train_config") or {}
+    value = train_config.get("max_history") if isinstance(train_config, dict) else None
+    if value is None:
+        return DEFAULT_MAX_HISTORY
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExportFailed(f"{ckpt_path}: train_config.max_history must be a positive integer, got {value!r}")
+    return value
+
+
 def load_sources(
     run: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -167,7 +178,7 @@ def load_sources(
             f"the model predicts {cfg.num_levels} of {cfg.codebook_size}"
         )
     trie = CodeTrie.from_codes(table.codes, table.codebook_size)
-    max_history = int((ckpt.get("train_config") or {}).get("max_history") or DEFAULT_MAX_HISTORY)
+    max_history = _max_history(ckpt, ckpt_path)
 
     dataset = None
     if data is not None:

@@ -134,6 +134,7 @@ def _checkpoint_dict(run):
         ("existing_version", "version 1 already exists"),
         ("other_data", "not the data best.pt was trained on"),
         ("low_opset", "opset 17 is not supported"),
+        ("bad_max_history", "train_config.max_history must be a positive integer, got 'abc'"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damage, message):
@@ -160,6 +161,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
         d["data_fingerprint"] = "0" * 64
         torch.save(d, ckpt)
         args += ["--data", str(write_tiny_data(tmp_path / "data", tiny_table()))]
+    elif damage == "bad_max_history":
+        d = _checkpoint_dict(run)
+        d["train_config"] = {"max_history": "abc"}
+        torch.save(d, ckpt)
     elif damage == "low_opset":  # the exporter would keep 18 and the manifest would say 17
         args += ["--opset", "17"]
     elif damage == "existing_version":
