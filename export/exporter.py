@@ -158,8 +158,10 @@ def load_sources(
     except (ValueError, TypeError) as exc:  # FAIRConfig.from_dict: unknown keys / invalid values
         raise ExportFailed(f"{ckpt_path}: model config not understood by this exporter: {exc}") from exc
     except RuntimeError as exc:  # load_state_dict: weights of another architecture
-        first = str(exc).strip().splitlines()[0]
-        raise ExportFailed(f"{ckpt_path}: weights do not fit the model config ({first})") from exc
+        # torch's first line only says "Error(s) in loading state_dict"; the next names the keys
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+        raise ExportFailed(f"{ckpt_path}: weights do not fit the model config ({detail})") from exc
     try:
         check_exportable(model.cfg)
     except ExportError as exc:

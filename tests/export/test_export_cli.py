@@ -134,6 +134,7 @@ def _checkpoint_dict(run):
         ("existing_version", "version 1 already exists"),
         ("other_data", "not the data best.pt was trained on"),
         ("low_opset", "opset 17 is not supported"),
+        ("missing_weights", "weights do not fit the model config (Missing key(s) in state_dict: "),
         ("bad_max_history", "train_config.max_history must be a positive integer, got 'abc'"),
     ],
 )
@@ -161,6 +162,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
         d["data_fingerprint"] = "0" * 64
         torch.save(d, ckpt)
         args += ["--data", str(write_tiny_data(tmp_path / "data", tiny_table()))]
+    elif damage == "missing_weights":
+        d = _checkpoint_dict(run)
+        d["model"] = dict(list(d["model"].items())[:3])
+        torch.save(d, ckpt)
     elif damage == "bad_max_history":
         d = _checkpoint_dict(run)
         d["train_config"] = {"max_history": "abc"}
