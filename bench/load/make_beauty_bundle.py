@@ -6,7 +6,7 @@ the real training-popularity fallback, written as a fair-train-shaped run direct
 the real ``fair-export``. With a trained run, skip this and pass ``--run runs/<beauty run>``.
 
     .venv/bin/python bench/load/make_beauty_bundle.py --sid runs/sid/beauty_rqvae.npz \\
-        --data /work/shared/data/amazon/Beauty --out runs/load-bench
+        --data ../shared/data/amazon/Beauty --out runs/load-bench
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_run(sid: Path, data: str, run_dir: Path, max_history: int = 20, seed: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sid", type=Path, default=Path("runs/sid/beauty_rqvae.npz"))
-    p.add_argument("--data", default="/work/shared/data/amazon/Beauty")
+    p.add_argument("--data", default="../shared/data/amazon/Beauty")
     p.add_argument(
         "--out", type=Path, default=Path("runs/load-bench"), help="work dir: run/ and bundles/ go here"
     )

@@ -9,7 +9,7 @@ In one run, on one machine:
   4. the service at fixed request rates (fractions of that maximum): p50 / p95 / p99.
 
     .venv/bin/python bench/load/run_load_bench.py --bundle runs/load-bench/bundles/beauty \\
-        --data /work/shared/data/amazon/Beauty --out runs/load-bench/results.json
+        --data ../shared/data/amazon/Beauty --out runs/load-bench/results.json
 
 Latencies are wrk's (send to last byte, no coordinated-omission correction: at fixed rates a stalled
 server delays the next sends of a connection, so tails under overload are understated; the fixed-rate
@@ -121,7 +121,7 @@ def in_process(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True, help="BUNDLE_ROOT/NAME[/VERSION]")
-    p.add_argument("--data", default="/work/shared/data/amazon/Beauty", help="dataset whose users are loaded")
+    p.add_argument("--data", default="../shared/data/amazon/Beauty", help="dataset whose users are loaded")
     p.add_argument(
         "--work", type=Path, default=Path("runs/load-bench"), help="scratch dir (Redis data, users)"
     )
