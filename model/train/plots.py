@@ -27,14 +27,16 @@ def plot_curves(log_path: str | Path, out_path: str | Path) -> Path:
             ax1.plot(*zip(*pts, strict=True), label=key)
     ax1.set_xlabel("step")
     ax1.set_title("training loss")
-    ax1.legend()
+    if ax1.lines:  # a run stopped before its first log record has nothing to label
+        ax1.legend()
     for key in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
         pts = [(r["step"], r[key]) for r in valid if key in r]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker="o", label=key)
     ax2.set_xlabel("step")
     ax2.set_title("validation")
-    ax2.legend()
+    if ax2.lines:
+        ax2.legend()
     fig.tight_layout()
     out_path = Path(out_path)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".png")
