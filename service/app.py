@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,7 +38,6 @@ from service.schemas import (
     HistoryResponse,
     ModelResponse,
     ReadyResponse,
-    RecommendedItem,
     RecommendRequest,
     RecommendResponse,
     ReloadRequest,
@@ -279,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=error_responses(413, 422, 429, 500, 503, 504),
         summary="Top-k items for a user (Redis history) or for a given history",
     )
-    async def recommend(body: RecommendRequest, response: Response) -> RecommendResponse:
+    async def recommend(body: RecommendRequest) -> Response:
         t_start = time.perf_counter()
         engine = state.engine
         if engine is None:
@@ -310,7 +311,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if not known:
                     reason = "unknown_user" if not raw else "no_known_items"
                     metrics.FALLBACK.labels(reason=reason).inc()
-                    items = _items(engine, engine.bundle.popular[:k], None)  # nothing known to exclude
+                    items = _items_json(engine, engine.bundle.popular[:k], None)  # nothing known to exclude
                     fallback = "popular"
                 else:
                     job = Job(
@@ -334,7 +335,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     timing.update(
                         queue_wait=job.queue_wait, inference=job.inference, beam_search=job.beam_search
                     )
-                    items = _items(engine, result.items, result.scores)
+                    items = _items_json(engine, result.items, result.scores)
                     fallback = None
         except TimeoutError as exc:
             metrics.REQUESTS_REJECTED.labels(reason="timeout").inc()
@@ -342,10 +343,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 504, "timeout", f"no answer within {settings.request_timeout_ms:g} ms"
             ) from exc
         timing["total"] = time.perf_counter() - t_start
-        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
-        return RecommendResponse(
-            user_id=body.user_id, model_version=engine.version, items=items, fallback=fallback
-        )
+        # The same JSON that ``RecommendResponse`` would give, written directly: FastAPI's
+        # response-model validation + serialisation cost more per request than the model itself.
+        content = (
+            f'{{"user_id":{_json(body.user_id)},"model_version":{engine.version},'
+            f'"items":[{items}],"fallback":{_json(fallback)}}}'
+        ).encode()
+        server_timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
+        return Response(content, media_type="application/json", headers={"Server-Timing": server_timing})
 
     @app.post(
         "/users/{user_id}/events",
@@ -465,16 +470,21 @@ async def _redis_call(coro, timeout_s: float):
         raise ServiceError(504, "timeout", "redis did not answer in time") from exc
 
 
-def _items(engine: Engine, items: np.ndarray, scores: np.ndarray | None) -> list[RecommendedItem]:
-    table = engine.bundle.table
-    return [
-        RecommendedItem(
-            item_id=table.item_ids[int(i)],
-            score=None if scores is None else float(scores[r]),
-            semantic_id=table.codes[int(i)].tolist(),
-        )
-        for r, i in enumerate(items)
-    ]
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _items_json(engine: Engine, items: np.ndarray, scores: np.ndarray | None) -> str:
+    """The ``items`` array of a ``RecommendResponse`` as JSON text, without the brackets.
+
+    Each item's id and semantic ID are encoded once per engine (``Engine.item_json``); only the
+    score is formatted per request (``repr`` of the float, as pydantic writes it).
+    """
+    parts = engine.item_json
+    if scores is None:
+        score_texts = ["null"] * len(items)
+    else:  # non-finite -> null, as pydantic writes it
+        score_texts = [_json(s) if math.isfinite(s) else "null" for s in scores.tolist()]
+    return ",".join(parts(int(i), sc) for i, sc in zip(items.tolist(), score_texts, strict=True))
 
 
 def _model_summary(engine: Engine) -> ModelResponse:

@@ -8,6 +8,7 @@ busy-waiting threads steal the CPU the other workers need (it cost 2x here).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from model.search.beam import constrained_beam_search
 from model.search.inputs import histories_to_inputs
 
 log = logging.getLogger("fair.engine")
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def session_options(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool) -> ort.SessionOptions:
@@ -46,6 +49,7 @@ class Engine:
     provider: str
     max_history: int
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    _item_json: dict[int, tuple[str, str]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -58,6 +62,19 @@ class Engine:
     @property
     def item_index(self) -> dict[str, int]:
         return self.bundle.table.index_of()
+
+    def item_json(self, index: int, score_json: str) -> str:
+        """One item of a ``/recommend`` answer as JSON text (fields in ``RecommendedItem`` order).
+
+        The id and code parts are encoded on first use and kept: per request only the score varies.
+        """
+        head, tail = self._item_json.get(index, (None, None))
+        if head is None:
+            table = self.bundle.table
+            head = '{"item_id":' + _json(table.item_ids[index]) + ',"score":'
+            tail = ',"semantic_id":' + _json(table.codes[index].tolist()) + "}"
+            self._item_json[index] = (head, tail)
+        return head + score_json + tail
 
     def forward(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Histories of item indices (oldest first, non-empty) -> log_probs ``[B, L, V]`` float32."""
