@@ -250,9 +250,7 @@ class RequestMiddleware:
 
             await self.app(scope, limited_receive, send_wrapper)
         finally:
-            metrics.REQUEST_DURATION.labels(route=self._route(scope), status=str(status)).observe(
-                time.perf_counter() - start
-            )
+            metrics.request_duration(self._route(scope), str(status)).observe(time.perf_counter() - start)
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -300,7 +298,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         metrics.REQUESTS_REJECTED.labels(reason="redis_unavailable").inc()
                         raise unavailable("redis_unavailable", str(exc)) from exc
                     timing["redis"] = time.perf_counter() - t0
-                    metrics.STAGE_DURATION.labels(stage="redis").observe(timing["redis"])
+                    metrics.stage("redis").observe(timing["redis"])
                 index = engine.item_index
                 known = [index[i] for i in raw if i in index]
                 if len(known) < len(raw):
@@ -331,7 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         raise ServiceError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from exc
                     except BatcherClosed as exc:
                         raise unavailable("shutting_down", str(exc)) from exc
-                    metrics.STAGE_DURATION.labels(stage="queue_wait").observe(job.queue_wait)
+                    metrics.stage("queue_wait").observe(job.queue_wait)
                     timing.update(
                         queue_wait=job.queue_wait, inference=job.inference, beam_search=job.beam_search
                     )
