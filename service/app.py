@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from service.schemas import (
 from service.settings import Settings
 
 log = logging.getLogger("fair.app")
+
+GIL_SWITCH_INTERVAL_S = 0.0005  # see the lifespan
 
 UserIdPath = Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
@@ -159,6 +162,12 @@ def _lifespan(state: AppState):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = state.settings
         metrics.init_series()
+        # The event loop and the inference thread share the GIL. When one wants it back (ONNX Runtime
+        # returned, or a request arrived), CPython makes the holder drop it only after the switch
+        # interval (5 ms by default): under load each side stalls the other by up to that much per
+        # hand-over. 0.5 ms measured +5% closed-loop throughput (median of 6 wrk runs, 1 worker).
+        previous_switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         url = s.redis_url
         if url is None:
             state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
@@ -189,6 +198,7 @@ def _lifespan(state: AppState):
             await state.store.close()
             if state.embedded is not None:
                 await asyncio.to_thread(state.embedded.stop)
+            sys.setswitchinterval(previous_switch_interval)
 
     return lifespan
 
