@@ -22,7 +22,7 @@ from export.cli import main as export_main
 from model.data.loading import load_dataset
 from model.fair import FAIR, FAIRConfig
 from model.semantic_ids.table import SemanticIdTable
-from model.train.checkpoint import save_checkpoint
+from model.train.checkpoint import save_checkpoint, untrained_checkpoint
 
 
 def build_run(sid: Path, data: str, run_dir: Path, max_history: int = 20, seed: int = 0) -> Path:
@@ -38,19 +38,13 @@ def build_run(sid: Path, data: str, run_dir: Path, max_history: int = 20, seed: 
     np.save(run_dir / "popular.npy", popular)
     save_checkpoint(
         run_dir / "best.pt",
-        {
-            "model": model.state_dict(),
-            "model_config": cfg.to_dict(),
-            "train_config": {"max_history": max_history, "note": "untrained, for the load benchmark"},
-            "optimizer": {},
-            "scheduler": {},
-            "step": 0,
-            "epoch": 0,
-            "best_metric": 0.0,
-            "sid_sha256": table.sha256(),
-            "data_fingerprint": dataset.fingerprint(),
-            "rng": None,
-        },
+        untrained_checkpoint(
+            model.state_dict(),
+            cfg.to_dict(),
+            table.sha256(),
+            {"max_history": max_history, "note": "untrained, for the load benchmark"},
+            dataset.fingerprint(),
+        ),
     )
     return run_dir
 

@@ -38,6 +38,30 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path
     return path
 
 
+def untrained_checkpoint(
+    model_state: dict[str, Any],
+    model_config: dict[str, Any],
+    sid_sha256: str,
+    train_config: dict[str, Any],
+    data_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """A checkpoint of weights that were never trained (benchmarks, test fixtures): the same keys
+    as the trainer writes, so every reader (export, fair-eval) treats it like a real run."""
+    return {
+        "model": model_state,
+        "model_config": model_config,
+        "train_config": train_config,
+        "optimizer": {},
+        "scheduler": {},
+        "step": 0,
+        "epoch": 0,
+        "best_metric": 0.0,
+        "sid_sha256": sid_sha256,
+        "data_fingerprint": data_fingerprint,
+        "rng": None,
+    }
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

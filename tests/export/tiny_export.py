@@ -16,7 +16,7 @@ from model.data.benchmark import write_benchmark
 from model.data.dataset import SequenceDataset
 from model.fair import FAIR, FAIRConfig
 from model.semantic_ids.table import SemanticIdTable
-from model.train.checkpoint import save_checkpoint
+from model.train.checkpoint import save_checkpoint, untrained_checkpoint
 
 TINY_CONFIG = dict(
     num_levels=3, codebook_size=16, max_items=8, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2, dropout=0.0
@@ -51,19 +51,9 @@ def build_tiny_run(run_dir: Path, seed: int = 0, **config_overrides) -> Path:
     (run_dir / "metrics.json").write_text(json.dumps({"test": {"recall@10": 0.5, "ndcg@10": 0.25}}))
     save_checkpoint(
         run_dir / "best.pt",
-        {
-            "model": model.state_dict(),
-            "model_config": cfg.to_dict(),
-            "train_config": {"max_history": TINY_MAX_HISTORY},
-            "optimizer": {},
-            "scheduler": {},
-            "step": 0,
-            "epoch": 0,
-            "best_metric": 0.0,
-            "sid_sha256": table.sha256(),
-            "data_fingerprint": None,
-            "rng": None,
-        },
+        untrained_checkpoint(
+            model.state_dict(), cfg.to_dict(), table.sha256(), {"max_history": TINY_MAX_HISTORY}, None
+        ),
     )
     return run_dir
 
