@@ -45,6 +45,11 @@ DEFAULT_PREFIX = "fair:history:"
 REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
 
 
+# Connections kept for readiness pings on top of the traffic's ``max_connections``: a probe must get a
+# connection (and an answer) even when every traffic slot is taken.
+PING_SLOTS = 2
+
+
 class StoreUnavailable(RuntimeError):
     """Redis did not answer (down, unreachable, timed out): the API turns this into 503."""
 
@@ -53,9 +58,12 @@ class StoreUnavailable(RuntimeError):
 def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2, max_connections: int = 64):
     """An asyncio client (standalone or cluster) with short timeouts: a dead Redis must fail fast.
 
-    The pool is bounded and blocking: a burst of requests waits for one of ``max_connections``
-    connections instead of opening hundreds at once (which a busy server answers with connect timeouts);
-    the wait is bounded by the request deadline (504), not reported as Redis being down.
+    The pool holds at most ``max_connections`` + ``PING_SLOTS`` connections. It is redis-py's plain
+    pool, not its ``BlockingConnectionPool``, whose checkout cost 17 us more per command (61 vs 44 us
+    of client CPU per history read, hiredis parser): ``HistoryStore`` already lets at most
+    ``max_connections`` commands in flight, so a burst waits at its semaphore (bounded by the request
+    deadline, 504) instead of opening hundreds of connections at once, and the pool is never asked
+    for more than it has.
     """
     # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: the
     # client's default of 10 backed-off retries turns "Redis is down" into seconds of hanging.
@@ -66,9 +74,9 @@ def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2, max_co
         retry=AsyncRetry(NoBackoff(), 1),
     )
     if cluster:
-        return AsyncRedisCluster.from_url(url, max_connections=max_connections, **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None, health_check_interval=30, **kwargs
+        return AsyncRedisCluster.from_url(url, max_connections=max_connections + PING_SLOTS, **kwargs)
+    pool = aioredis.ConnectionPool.from_url(
+        url, max_connections=max_connections + PING_SLOTS, health_check_interval=30, **kwargs
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -96,6 +104,7 @@ class HistoryStore:
         # At most as many calls in flight as the pool has connections: the cluster client raises
         # "too many connections" instead of waiting, so a burst would turn into 503s.
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._ping_slots = asyncio.Semaphore(PING_SLOTS)  # readiness never waits behind traffic
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -122,8 +131,9 @@ class HistoryStore:
             raise self._unavailable(exc) from exc
 
     async def ping(self) -> bool:
-        try:  # not behind the semaphore: readiness must not flap just because traffic is high
-            return bool(await self.client.ping())
+        try:  # own slots, not the traffic's: readiness must not flap just because traffic is high
+            async with self._ping_slots:
+                return bool(await self.client.ping())
         except REDIS_FAILURES as exc:
             self._unavailable(exc)
             return False

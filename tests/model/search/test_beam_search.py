@@ -98,6 +98,22 @@ def test_beam_wider_than_every_level_is_exact(seed, num_items, length, vocab, ba
     assert np.array_equal(beam.items >= 0, exact.items >= 0)
 
 
+@pytest.mark.parametrize("neg_inf", [False, True])
+def test_a_large_batch_gives_each_user_what_a_search_of_that_user_alone_gives(neg_inf):
+    """Batching must not change answers: the service batches whatever arrives together. 64 users x
+    beam 8 x 16 codes is past the size where the per-level ranking switches from one sort of all
+    candidates to a per-user partition first; one user alone stays below it."""
+    codes, lp, exclude = make_case(7, 3000, 3, 16, 64, 6, neg_inf)
+    lp[:, :, :4] = lp[:, :, :1]  # exact ties between codes: the lower item must win either way
+    trie = CodeTrie.from_codes(codes, 16)
+    batched = constrained_beam_search(lp, trie, 8, 10, exclude)
+    check_valid(batched, brute_force(lp, codes), exclude, 10)
+    for b in range(len(lp)):
+        alone = constrained_beam_search(lp[b : b + 1], trie, 8, 10, exclude[b : b + 1])
+        assert np.array_equal(batched.items[b], alone.items[0])
+        assert np.array_equal(batched.scores[b], alone.scores[0])
+
+
 def test_seen_items_do_not_crowd_out_the_rest():
     # 4 prefixes x 3 leaves; the user has seen all 3 leaves of the best prefix and 2 of the second.
     codes = np.array([[p, c] for p in range(4) for c in range(3)])  # item = 3 * p + c
