@@ -159,12 +159,9 @@ class Batcher:
             groups: dict[tuple[int, int], list[int]] = defaultdict(list)
             for i, job in enumerate(jobs):
                 groups[(job.beam_size, job.k)].append(i)
-            results: dict[int, JobResult] = {}
+            results: dict[int, JobResult | Exception] = {}
             for (beam, k), rows in groups.items():
-                items, scores = engine.search(log_probs[rows], beam, k, [jobs[i].exclude for i in rows])
-                for r, i in enumerate(rows):
-                    keep = items[r] >= 0
-                    results[i] = JobResult(items=items[r][keep], scores=scores[r][keep])
+                results.update(_search_group(engine, log_probs, jobs, rows, beam, k))
             t2 = time.perf_counter()
             metrics.stage("beam_search").observe(t2 - t1)
         except Exception as exc:
@@ -175,9 +172,38 @@ class Batcher:
         by_loop: dict[int, list[tuple[Job, JobResult]]] = defaultdict(list)
         for i, job in enumerate(jobs):
             job.inference, job.beam_search = t1 - t0, t2 - t1
-            by_loop[id(job.loop)].append((job, results[i]))
+            if isinstance(results[i], Exception):
+                _deliver(job, exc=results[i])
+            else:
+                by_loop[id(job.loop)].append((job, results[i]))
         for done in by_loop.values():
             _deliver_all(done)
+
+
+def _search_group(
+    engine: Engine, log_probs: np.ndarray, jobs: list[Job], rows: list[int], beam: int, k: int
+) -> dict[int, JobResult | Exception]:
+    """Beam search for the batch rows of one (beam, k) group: a result, or the error, per row.
+
+    The search refuses a whole batch when one user's log-probs are unusable (NaN from a broken
+    export or an input the model cannot handle): then each row is searched alone, so only that
+    user's request fails and the others in the batch are still answered.
+    """
+    try:
+        items, scores = engine.search(log_probs[rows], beam, k, [jobs[i].exclude for i in rows])
+    except ValueError as exc:
+        if len(rows) == 1:
+            log.error("beam search failed for user %r: %s", jobs[rows[0]].user_id, exc)
+            return {rows[0]: exc}
+        out: dict[int, JobResult | Exception] = {}
+        for i in rows:
+            out.update(_search_group(engine, log_probs, jobs, [i], beam, k))
+        return out
+    out = {}
+    for r, i in enumerate(rows):
+        keep = items[r] >= 0
+        out[i] = JobResult(items=items[r][keep], scores=scores[r][keep])
+    return out
 
 
 def _deliver(job: Job, result: JobResult | None = None, exc: BaseException | None = None) -> None:

@@ -59,6 +59,42 @@ def test_full_queue_refuses_and_close_drains(engine):
     assert all(f.done() and not f.cancelled() and f.exception() is None for f in accepted)
 
 
+def test_a_user_with_unusable_log_probs_fails_alone(engine):
+    """NaN log-probs for one user (a broken export, an input the model cannot handle) must fail that
+    user's request only; the others batched with it still get the answer they would get alone."""
+    poisoned = {"u3"}
+
+    class NaNForSomeUsers(type(engine)):
+        """The real engine (ONNX Runtime), with NaN written into the poisoned users' rows."""
+
+        def forward(self, histories):
+            log_probs = super().forward(histories)
+            for row, job in enumerate(self.current_jobs):
+                if job.user_id in poisoned:
+                    log_probs[row, 0, 0] = np.nan
+            return log_probs
+
+    faulty = NaNForSomeUsers(engine.bundle, engine.session, engine.provider, engine.max_history)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=64, max_wait_ms=50, queue_size=64)
+        jobs = [_job(faulty, loop, n) for n in range(8)]
+        faulty.current_jobs = jobs  # one batch of all 8: they are submitted within the wait window
+        outcomes = await asyncio.gather(*(batcher.submit(j) for j in jobs), return_exceptions=True)
+        await asyncio.to_thread(batcher.close)
+        return jobs, outcomes
+
+    jobs, outcomes = asyncio.run(run())
+    assert {j.batch_size for j in jobs} == {8}
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if job.user_id in poisoned:
+            assert isinstance(outcome, ValueError) and "NaN" in str(outcome)
+        else:
+            items, _ = engine.search(engine.forward([job.history]), job.beam_size, job.k, [job.exclude])
+            np.testing.assert_array_equal(outcome.items, items[0][items[0] >= 0])
+
+
 def test_warm_up_builds_the_item_index(tiny_bundle):
     """The first request after a (re)load must not build the id -> index dict on the event loop."""
     fresh = load_engine(tiny_bundle.model_dir, providers=["CPUExecutionProvider"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from service_testlib import LiveServer, make_settings
@@ -97,3 +99,26 @@ def test_timeout_is_504_and_admin_off_without_token(tiny_bundle, redis_settings)
         assert err["code"] == "timeout"
         assert error_of(httpx.post(live.url + "/admin/reload"), 404)["code"] == "not_found"
         assert "/admin/reload" not in httpx.get(live.url + "/openapi.json").json()["paths"]
+
+
+def test_a_full_inference_queue_is_429_with_retry_after(tiny_bundle, redis_settings):
+    """A burst larger than the queue: every request is answered, 200 or 429 (never a hang or a 500),
+    and each 429 carries the envelope and Retry-After so clients back off."""
+    settings = make_settings(tiny_bundle, redis_settings, queue_size=1, max_batch_size=1, max_wait_ms=0)
+    history = [str(i) for i in tiny_bundle.table.item_ids[:4]]
+
+    async def burst(url: str) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+            body = {"user_id": "burst", "history": history}
+            return await asyncio.gather(*(client.post("/recommend", json=body) for _ in range(200)))
+
+    with LiveServer(settings) as live:
+        responses = asyncio.run(burst(live.url))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) > 0 and statuses.count(429) > 0, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert error_of(r, 429)["code"] == "queue_full"
+            assert r.headers["Retry-After"] == "1"
