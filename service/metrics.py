@@ -111,14 +111,40 @@ def multiprocess_dir() -> str | None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text: this process's registry, or every worker's files in multiprocess mode."""
-    if multiprocess_dir():
+    directory = multiprocess_dir()
+    if directory:
+        drop_dead_workers(directory)
         registry = CollectorRegistry()
         _mp.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def mark_process_dead(pid: int) -> None:
-    """Drop a finished worker's live gauges (gunicorn/uvicorn child exit hook)."""
-    if multiprocess_dir():
-        _mp.mark_process_dead(pid)
+def drop_dead_workers(directory: str) -> list[int]:
+    """Remove the live-gauge files of worker processes that no longer exist; returns their pids.
+
+    uvicorn replaces a crashed worker under a new pid and has no exit hook from which to call
+    ``mark_process_dead``, so without this the dead worker's last queue depth would stay in
+    ``fair_queue_depth`` (a live sum) for good. Run at each scrape: a directory listing and one
+    ``kill(pid, 0)`` per worker. Counters and histograms keep their files: a dead worker's requests
+    did happen.
+    """
+    pids = set()
+    for name in os.listdir(directory):
+        stem, _, pid = name.removesuffix(".db").rpartition("_")
+        if name.startswith("gauge_live") and name.endswith(".db") and stem and pid.isdigit():
+            pids.add(int(pid))
+    dead = [pid for pid in sorted(pids) if not _alive(pid)]
+    for pid in dead:
+        _mp.mark_process_dead(pid, directory)
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from service_testlib import scrape
 
 from service.metrics import LATENCY_BUCKETS
@@ -47,3 +52,21 @@ def test_metrics_exposes_every_series(server, tiny_bundle):
     assert "/users/{user_id}/events" in routes  # route templates, not raw paths
     reasons = {dict(lab)["reason"] for n, lab in metrics if n == "fair_requests_rejected_total"}
     assert {"queue_full", "timeout", "body_too_large", "invalid", "redis_unavailable", "no_model"} <= reasons
+
+
+def test_a_dead_workers_live_gauges_leave_the_totals_but_its_counts_stay(tmp_path):
+    """Multiprocess mode (several workers): a worker that died with requests queued must not leave its
+    queue depth in ``fair_queue_depth`` for good, while the requests it counted stay counted."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dead_worker = "from service import metrics; metrics.QUEUE_DEPTH.set(7); metrics.REDIS_ERRORS.inc()"
+    subprocess.run([sys.executable, "-c", dead_worker], env=env, check=True)
+    scraping_worker = (
+        "from service import metrics; metrics.QUEUE_DEPTH.set(1); metrics.REDIS_ERRORS.inc(); "
+        "print(metrics.render()[0].decode())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", scraping_worker], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    values = {s.name: s.value for family in text_string_to_metric_families(out) for s in family.samples}
+    assert values["fair_queue_depth"] == 1.0
+    assert values["fair_redis_errors_total"] == 2.0
