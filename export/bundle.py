@@ -4,8 +4,11 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
 
     BUNDLE_ROOT/NAME/VERSION/        VERSION a positive integer; the service takes the newest or a pinned one
         manifest.json                what is in the bundle, where it came from, sha256 of every other file
-        model.onnx                   codes [B, N, L] int64 + item_mask [B, N] bool -> log_probs [B, L, V] float32
+        model.onnx                   codes [B, N, L] int64 + items [B, N] int64 + item_mask [B, N] bool
+                                     -> code_scores [B, L, V] float32 + query [B, D] float32
         semantic_ids.npz             SemanticIdTable (item catalog ids + code tuples)
+        item_scores.npz              the catalog side of the item score: vectors [I, D] float32 (width 0
+                                     for models without item IDs), bias [I] float32, trained [I] bool
         trie.npz                     CodeTrie arrays for the constrained beam search
         popular.npy                  int64 item indices, most popular first (fallback for empty histories)
 
@@ -28,16 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from model.search.scoring import SEARCH_MODES, ItemScorer
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
-SCHEMA_VERSION = 1
+# 2: the model outputs item-score parts (code_scores + query) and item_scores.npz ships the catalog side.
+# Schema 1 bundles (per-level log_probs) are refused with a message to re-export (docs/architecture.md).
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 SEMANTIC_IDS_FILE = "semantic_ids.npz"
+ITEM_SCORES_FILE = "item_scores.npz"
 TRIE_FILE = "trie.npz"
 POPULAR_FILE = "popular.npy"
-BUNDLE_FILES = (MODEL_FILE, SEMANTIC_IDS_FILE, TRIE_FILE, POPULAR_FILE)
+BUNDLE_FILES = (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE)
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Keys every manifest carries; readers may rely on them (see docs/architecture.md, "Bundle").
@@ -57,6 +64,7 @@ REQUIRED_KEYS = (
     "opset",
     "inputs",  # [{"name", "dtype", "shape"}], shape entries are ints or axis names ("batch", "items")
     "outputs",
+    "search",  # {"mode": "exact" | "beam", "candidates": int}: how the service ranks the catalog
     "files",  # {file name: sha256 hex} for every file but manifest.json
     "metrics",  # offline metrics of this bundle / its run ({} when none were available)
     "verification",  # what fair-export checked and measured ({} with --no-verify)
@@ -156,6 +164,11 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: manifest must be a JSON object")
     schema = manifest.get("schema_version")
+    if schema == 1:
+        raise BundleError(
+            f"{path}: a schema 1 bundle (per-level log-probs, ranked by the old objective); this version "
+            f"serves schema {SCHEMA_VERSION} (item scores): re-export its checkpoint with fair-export"
+        )
     if schema != SCHEMA_VERSION:
         raise BundleError(f"{path}: manifest schema_version {schema!r}, this code reads {SCHEMA_VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -165,6 +178,17 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
         raise BundleError(f"{path}: precision {manifest['precision']!r} not one of {PRECISIONS}")
     if not isinstance(manifest["files"], dict):
         raise BundleError(f"{path}: field 'files' must map file name -> sha256")
+    how = manifest["search"]
+    if (
+        not isinstance(how, dict)
+        or how.get("mode") not in SEARCH_MODES
+        or isinstance(how.get("candidates"), bool)
+        or not isinstance(how.get("candidates"), int)
+        or how["candidates"] < 1
+    ):
+        raise BundleError(
+            f'{path}: field \'search\' must be {{"mode": one of {list(SEARCH_MODES)}, "candidates": int >= 1}}'
+        )
     return manifest
 
 
@@ -204,6 +228,8 @@ class LoadedBundle:
     table: SemanticIdTable
     trie: CodeTrie
     popular: np.ndarray  # [P] int64 item indices, most popular first
+    scorer: ItemScorer  # the catalog side of the item score
+    trained: np.ndarray  # [I] bool: items with a trained ID embedding (the others rank by codes alone)
 
     @property
     def name(self) -> str:
@@ -220,6 +246,14 @@ class LoadedBundle:
     @property
     def max_history(self) -> int:
         return int(self.manifest["max_history"])
+
+    @property
+    def search_mode(self) -> str:
+        return str(self.manifest["search"]["mode"])
+
+    @property
+    def search_candidates(self) -> int:
+        return int(self.manifest["search"]["candidates"])
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | None = None) -> LoadedBundle:
@@ -259,6 +293,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
             f"the table {table.num_items} of length {table.code_length}"
         )
     popular = _load_popular(bundle_dir / POPULAR_FILE, table.num_items)
+    scorer, trained = load_item_scores(bundle_dir / ITEM_SCORES_FILE, table)
     return LoadedBundle(
         dir=bundle_dir,
         manifest=manifest,
@@ -266,7 +301,46 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         table=table,
         trie=trie,
         popular=popular,
+        scorer=scorer,
+        trained=trained,
     )
+
+
+def save_item_scores(scorer: ItemScorer, trained: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``item_scores.npz`` (plain arrays, no pickle); a model without item IDs gets width 0."""
+    n = scorer.num_items
+    vectors = scorer.vectors if scorer.vectors is not None else np.zeros((n, 0), np.float32)
+    bias = scorer.bias if scorer.bias is not None else np.zeros(n, np.float32)
+    path = Path(path)
+    with open(path, "wb") as f:
+        np.savez(
+            f,
+            vectors=vectors.astype(np.float32),
+            bias=bias.astype(np.float32),
+            trained=np.asarray(trained, dtype=bool),
+        )
+    return path
+
+
+def load_item_scores(path: Path, table: SemanticIdTable) -> tuple[ItemScorer, np.ndarray]:
+    """Read ``item_scores.npz`` against the catalog; any inconsistency is a ``BundleError``."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            vectors, bias, trained = arrays["vectors"], arrays["bias"], arrays["trained"]
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable item score table ({exc})") from exc
+    n = table.num_items
+    if vectors.ndim != 2 or vectors.shape[0] != n or bias.shape != (n,) or trained.shape != (n,):
+        raise BundleError(
+            f"{path}: vectors {vectors.shape}, bias {bias.shape}, trained {trained.shape} do not fit "
+            f"{n} catalog items"
+        )
+    if not np.isfinite(vectors).all() or not np.isfinite(bias).all():
+        raise BundleError(f"{path}: item vectors or biases are not finite")
+    codes = np.asarray(table.codes, dtype=np.int64)
+    if vectors.shape[1] == 0:
+        return ItemScorer(codes), trained.astype(bool)
+    return ItemScorer(codes, vectors.astype(np.float32), bias.astype(np.float32)), trained.astype(bool)
 
 
 def save_trie(trie: CodeTrie, path: str | os.PathLike) -> Path:

@@ -83,12 +83,22 @@ def export_parser() -> argparse.ArgumentParser:
         "--users", type=_positive_int, default=256, help="histories compared in verification (default 256)"
     )
     p.add_argument(
-        "--beam", type=_positive_int, default=20, help="beam size of the top-10 comparison (default 20)"
+        "--search",
+        choices=["auto", "exact", "beam"],
+        default="auto",
+        help="how the service ranks with this bundle: exact (score every item), beam (semantic-ID beam "
+        "proposes --candidates items, rescored), auto = exact up to 200,000 items (default)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=_positive_int,
+        default=200,
+        help="beam width / candidates rescored when the search is beam (default 200, >= 10)",
     )
     p.add_argument(
         "--max-abs-diff",
         type=float,
-        help="enforce this log-prob limit for any precision (default: 1e-4, fp32 only)",
+        help="enforce this limit on |scores onnx - torch| for any precision (default: 1e-4, fp32 only)",
     )
     p.add_argument(
         "--min-topk-agreement",
@@ -150,6 +160,13 @@ def _summary_lines(path: Path, m: dict, problems: list[str]) -> list[str]:
         add(f"input      {io['name']}: {io['dtype']} {io['shape']}")
     for io in m["outputs"]:
         add(f"output     {io['name']}: {io['dtype']} {io['shape']}")
+    how = m["search"]
+    ids = m.get("item_ids") or {}
+    add(
+        f"search     {how['mode']}"
+        + (f" ({how['candidates']} beam candidates, rescored)" if how["mode"] == "beam" else "")
+        + f"   item IDs: dim {ids.get('dim', 0)}, {ids.get('trained_items', 0)} of {m['num_items']} items trained"
+    )
     add(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
     for prec, v in (m.get("verification") or {}).items():
         add(
@@ -187,7 +204,8 @@ def export_main(argv: list[str]) -> int:
             precision=precision,
             verify=not args.no_verify,
             users=args.users,
-            beam=args.beam,
+            search=args.search,
+            candidates=args.candidates,
             max_abs_diff=args.max_abs_diff,
             min_topk_agreement=args.min_topk_agreement,
             evaluate=True if args.evaluate else None,

@@ -21,6 +21,7 @@ import torch
 
 from export import __version__
 from export.bundle import (
+    ITEM_SCORES_FILE,
     MODEL_FILE,
     POPULAR_FILE,
     SEMANTIC_IDS_FILE,
@@ -28,6 +29,7 @@ from export.bundle import (
     BundleError,
     BundleStaging,
     list_versions,
+    save_item_scores,
     save_trie,
     sha256_file,
     utc_now,
@@ -44,6 +46,7 @@ from export.quantize import convert_fp16, quantize_int8
 from export.verify import (
     DEFAULT_BEAM,
     DEFAULT_USERS,
+    Search,
     VerificationError,
     check_graph,
     compare,
@@ -57,13 +60,27 @@ from export.verify import (
 )
 from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
 from model.data.loading import load_dataset
+from model.evaluate.ranking import item_scorer
 from model.fair import FAIR
+from model.search.scoring import SEARCH_MODES
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 from model.train.checkpoint import CheckpointError, load_model
 
 RUN_CHECKPOINTS = ("best.pt", "checkpoint.pt")  # preference order inside a run directory
 RUN_METRICS = "metrics.json"
+# Up to this many items the service scores the whole catalog (exact); above, the beam over semantic-ID
+# prefixes proposes candidates that are rescored (docs/model.md, "The served search", has the costs).
+EXACT_MAX_ITEMS = 200_000
+
+
+def choose_search(num_items: int, mode: str = "auto") -> str:
+    """The served search for a catalog: ``auto`` is exact up to ``EXACT_MAX_ITEMS`` items, else beam."""
+    if mode == "auto":
+        return "exact" if num_items <= EXACT_MAX_ITEMS else "beam"
+    if mode not in SEARCH_MODES:
+        raise ExportFailed(f"search mode must be auto or one of {SEARCH_MODES}, got {mode!r}")
+    return mode
 
 
 class ExportFailed(RuntimeError):
@@ -236,7 +253,8 @@ def export_bundle(
     precision: str = "fp32",
     verify: bool = True,
     users: int = DEFAULT_USERS,
-    beam: int = DEFAULT_BEAM,
+    search: str = "auto",
+    candidates: int = DEFAULT_BEAM,
     max_abs_diff: float | None = None,
     min_topk_agreement: float | None = None,
     evaluate: bool | None = None,
@@ -245,7 +263,8 @@ def export_bundle(
 
     ``max_abs_diff`` / ``min_topk_agreement`` override the limits and then apply to every precision
     (by default they apply to fp32 only). ``evaluate`` (default: for fp16/int8 when ``src`` has a
-    dataset) records the bundle's own offline test metrics in the manifest.
+    dataset) records the bundle's own offline test metrics in the manifest. ``search`` (auto, exact,
+    beam) and ``candidates`` are recorded in the manifest: how the service ranks with this bundle.
     """
     start = time.perf_counter()
     model_dir = Path(out) / name
@@ -261,6 +280,11 @@ def export_bundle(
         check_opset(opset)  # before anything is written or traced
     except ExportError as exc:
         raise ExportFailed(str(exc)) from exc
+    if candidates < 10:
+        raise ExportFailed(f"candidates must be >= 10 (the top-10 checks need them), got {candidates}")
+    how = Search(
+        item_scorer(src.model, src.table), src.trie, choose_search(src.table.num_items, search), candidates
+    )
     try:
         with (
             BundleStaging(model_dir) as staging,
@@ -277,7 +301,7 @@ def export_bundle(
             verification: dict = {}
             if verify:
                 report = verify_model(
-                    fp32_path, src.model, src.table, src.trie, histories, src.max_history, "fp32", beam
+                    fp32_path, src.model, src.table, how, histories, src.max_history, "fp32"
                 )
                 _check_limits(report, max_abs_diff, min_topk_agreement)
                 verification["fp32"] = report.to_manifest() | {"histories": origin}
@@ -296,7 +320,7 @@ def export_bundle(
             if verify and precision != "fp32":
                 cfg = src.model.cfg
                 focused = cfg.n_layers if cfg.attention == "focused" else 0
-                problems = check_graph(final, cfg.num_levels, cfg.codebook_size, focused)
+                problems = check_graph(final, cfg.num_levels, cfg.codebook_size, focused, cfg.d_model)
                 if problems:
                     raise VerificationError(
                         f"{precision} model.onnx: graph check failed: " + "; ".join(problems)
@@ -305,11 +329,10 @@ def export_bundle(
                     torch_fn(src.model),
                     onnx_fn(ort_session(final)),
                     src.table,
-                    src.trie,
+                    how,
                     histories,
                     src.max_history,
                     precision,
-                    beam,
                 )
                 _check_limits(report, max_abs_diff, min_topk_agreement)
                 verification[precision] = report.to_manifest() | {"histories": origin}
@@ -318,11 +341,12 @@ def export_bundle(
                 )
             metrics: dict = {"run": src.run_metrics}
             if evaluate:
-                metrics["bundle"] = _offline(src, final, beam) | {"precision": precision}
+                metrics["bundle"] = _offline(src, final, how) | {"precision": precision}
             src.table.save(staging.path / SEMANTIC_IDS_FILE)
+            save_item_scores(how.scorer, _trained(src.model), staging.path / ITEM_SCORES_FILE)
             save_trie(src.trie, staging.path / TRIE_FILE)
             np.save(staging.path / POPULAR_FILE, src.popular)
-            manifest = _manifest(src, name, opset, precision, metrics, verification, export_seconds)
+            manifest = _manifest(src, name, opset, precision, metrics, verification, export_seconds, how)
             path = staging.commit(manifest, version)
     except (VerificationError, ExportError, BundleError) as exc:
         raise ExportFailed(str(exc)) from exc
@@ -336,9 +360,7 @@ def _check_limits(report, max_abs_diff: float | None, min_topk_agreement: float 
     """Explicit limits (CLI overrides) apply to any precision; the defaults were applied in compare()."""
     failures = []
     if max_abs_diff is not None and not report.max_abs_diff <= max_abs_diff:
-        failures.append(
-            f"parity: max |log_probs onnx - torch| = {report.max_abs_diff:.3g} > {max_abs_diff:g}"
-        )
+        failures.append(f"parity: max |scores onnx - torch| = {report.max_abs_diff:.3g} > {max_abs_diff:g}")
     if min_topk_agreement is not None and report.topk_agreement < min_topk_agreement:
         failures.append(
             f"top-10: identical for {report.topk_agreement:.2%} of {report.users} users, need >= {min_topk_agreement:.0%}"
@@ -347,20 +369,26 @@ def _check_limits(report, max_abs_diff: float | None, min_topk_agreement: float 
         raise VerificationError(f"{report.precision}: " + "; ".join(failures))
 
 
-def _offline(src: ExportSources, onnx_path: Path, beam: int) -> dict:
+def _trained(model: FAIR) -> np.ndarray:
+    """[I] bool: items with a trained ID embedding (none for a model without item IDs)."""
+    if model.item_emb is None:
+        return np.zeros(model.cfg.num_items, dtype=bool)
+    return model.item_trained.cpu().numpy().astype(bool)
+
+
+def _offline(src: ExportSources, onnx_path: Path, how: Search) -> dict:
     assert src.dataset is not None
     split = src.dataset.eval_split("test")
     _log(f"offline metrics on {len(split.targets)} test users ...")
     report = offline_metrics(
         onnx_fn(ort_session(onnx_path)),
         src.table,
-        src.trie,
+        how,
         split.histories,
         split.targets,
         src.max_history,
-        beam,
     )
-    return {"split": "test", "beam": beam, **report}
+    return {"split": "test", "search": how.mode, "candidates": how.candidates, **report}
 
 
 def _manifest(
@@ -371,8 +399,10 @@ def _manifest(
     metrics: dict,
     verification: dict,
     seconds: float,
+    how: Search,
 ) -> dict:
     inputs, outputs = io_spec(src.model.cfg)
+    trained = _trained(src.model)
     return {
         "name": name,
         "created": utc_now(),
@@ -394,6 +424,11 @@ def _manifest(
         "opset": opset,
         "inputs": inputs,
         "outputs": outputs,
+        "search": {"mode": how.mode, "candidates": how.candidates},
+        "item_ids": {
+            "dim": 0 if how.scorer.vectors is None else int(how.scorer.vectors.shape[1]),
+            "trained_items": int(trained.sum()),
+        },
         "metrics": metrics,
         "verification": verification,
         "exporter": {

@@ -1,9 +1,12 @@
 """FAIR network -> ``model.onnx`` with the bundle's input/output contract.
 
-The graph is traced with torch's dynamo ONNX exporter from ``FAIR.next_item_log_probs`` in its plain
+The graph is traced with torch's dynamo ONNX exporter from ``FAIR.next_item_scores`` in its plain
 attention form (in onnxruntime it ran faster than the SDPA form). Inputs ``codes`` int64
-``[batch, items, L]`` and ``item_mask`` bool ``[batch, items]``, output ``log_probs`` float32
-``[batch, L, V]``; batch and items are dynamic.
+``[batch, items, L]``, ``items`` int64 ``[batch, items]`` (item indices, -1 = unknown; read by item-ID
+models only) and ``item_mask`` bool ``[batch, items]``; outputs ``code_scores`` float32 ``[batch, L, V]``
+and ``query`` float32 ``[batch, D]``; batch and items are dynamic. The catalog side of the item score
+(item-ID vectors and biases) is not in the graph: it ships as ``item_scores.npz`` so the service can score
+the whole catalog or only beam candidates with the same numbers (``model.search.scoring``).
 
 Why nodes are renamed instead of wrapped in ONNX local functions: onnxruntime inlines local functions
 when it loads a model anyway, and the int8 quantizer and graph optimisers only look at top-level
@@ -27,11 +30,11 @@ import torch
 from torch import nn
 
 from model.fair import FAIR, FAIRConfig
+from model.search.inputs import INPUT_NAMES
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter writes 18+; its down-converter fails on this graph and keeps 18
-INPUT_NAMES = ("codes", "item_mask")
-OUTPUT_NAME = "log_probs"
+OUTPUT_NAMES = ("code_scores", "query")
 FOCUSED_ATTENTION = "FocusedAttention"
 STANDARD_ATTENTION = "Attention"
 _WRAPPED = "model"  # attribute name of the network inside the export wrapper (prefix of scope names)
@@ -43,15 +46,17 @@ class ExportError(RuntimeError):
     """The network cannot be exported under the bundle contract (or the exporter failed)."""
 
 
-class NextItemLogProbs(nn.Module):
-    """The exported function: (codes, item_mask) -> log_probs, nothing else (no user token input)."""
+class NextItemScores(nn.Module):
+    """The exported function: (codes, items, item_mask) -> (code_scores, query); no user token input."""
 
     def __init__(self, model: FAIR) -> None:
         super().__init__()
         self.model = model  # attribute name must equal _WRAPPED
 
-    def forward(self, codes: torch.Tensor, item_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.next_item_log_probs(codes, item_mask)
+    def forward(
+        self, codes: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.next_item_scores(codes, items, item_mask)
 
 
 def check_exportable(cfg: FAIRConfig) -> None:
@@ -77,30 +82,34 @@ def onnx_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def example_inputs(cfg: FAIRConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(cfg: FAIRConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trace inputs whose batch/items sizes are distinct from each other, from L and from 1.
 
     The exporter specialises an axis whose example size equals a constant it meets (or 1), which
     would silently make that axis static.
     """
-    taken = {1, cfg.num_levels, cfg.codebook_size}
+    taken = {1, cfg.num_levels, cfg.codebook_size, cfg.d_model, cfg.num_items}
     batch = next(n for n in range(2, 100) if n not in taken)
     items = next(n for n in range(batch + 1, 100) if n not in taken)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.codebook_size, (batch, items, cfg.num_levels), generator=gen)
     item_mask = torch.ones(batch, items, dtype=torch.bool)
     item_mask[0, : items // 2] = False  # one left-padded row, so masking is traced with real data
-    return codes, item_mask
+    item_ids = torch.randint(0, max(cfg.num_items, 1), (batch, items), generator=gen)
+    item_ids[~item_mask] = -1
+    return codes, item_ids, item_mask
 
 
 def io_spec(cfg: FAIRConfig) -> tuple[list[dict], list[dict]]:
     """The manifest's ``inputs`` / ``outputs`` entries (names, dtypes, shapes with named dynamic axes)."""
     inputs = [
         {"name": "codes", "dtype": "int64", "shape": ["batch", "items", cfg.num_levels]},
+        {"name": "items", "dtype": "int64", "shape": ["batch", "items"]},
         {"name": "item_mask", "dtype": "bool", "shape": ["batch", "items"]},
     ]
     outputs = [
-        {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.num_levels, cfg.codebook_size]}
+        {"name": "code_scores", "dtype": "float32", "shape": ["batch", cfg.num_levels, cfg.codebook_size]},
+        {"name": "query", "dtype": "float32", "shape": ["batch", cfg.d_model]},
     ]
     return inputs, outputs
 
@@ -187,26 +196,30 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Trace ``model.next_item_log_probs`` to ``path`` (dynamic batch/items), scope-named nodes."""
+    """Trace ``model.next_item_scores`` to ``path`` (dynamic batch/items), scope-named nodes."""
     check_exportable(model.cfg)
     check_opset(opset)
     path = Path(path)
-    wrapper = NextItemLogProbs(model).eval()
+    wrapper = NextItemScores(model).eval()
     batch, items = torch.export.Dim("batch"), torch.export.Dim("items")
     # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         # the exporter's chatter (axis renames, pytree deprecations) is not the user's business
         warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
-        codes, item_mask = example_inputs(model.cfg)
+        codes, item_ids, item_mask = example_inputs(model.cfg)
         try:
             program = torch.onnx.export(
                 wrapper,
-                (codes, item_mask),
+                (codes, item_ids, item_mask),
                 dynamo=True,
                 input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={"codes": {0: batch, 1: items}, "item_mask": {0: batch, 1: items}},
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={
+                    "codes": {0: batch, 1: items},
+                    "items": {0: batch, 1: items},
+                    "item_mask": {0: batch, 1: items},
+                },
                 opset_version=opset,
                 optimize=True,
                 verbose=False,

@@ -2,12 +2,13 @@
 
 Three gates before a bundle is renamed into place (see docs/architecture.md, "Bundle"):
 
-1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the output is
-   ``[batch, L, V]``, and every focused-attention layer is a named unit in the graph;
+1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the outputs are
+   ``code_scores [batch, L, V]`` and ``query [batch, D]``, and every focused-attention layer is a named
+   unit in the graph;
 2. numbers: onnxruntime vs PyTorch on histories of varied lengths batched together (so left padding
-   is exercised), max absolute difference of the log-probabilities;
-3. what users see: the top-10 from the shared constrained beam search, ONNX vs PyTorch, identical
-   (same items, same order) for the required share of users.
+   is exercised), max absolute difference of both outputs;
+3. what users see: the top-10 from the shared search (``model.search.scoring.search``, the bundle's
+   mode), ONNX vs PyTorch, identical (same items, same order) for the required share of users.
 
 fp32 must pass 2 and 3; for fp16/int8 the figures are measured and recorded, not enforced (they
 change the numbers by design; their offline metrics go into the manifest instead).
@@ -28,8 +29,8 @@ import torch
 from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units
 from model.evaluate.metrics import evaluation_report
 from model.fair import FAIR
-from model.search.beam import constrained_beam_search
 from model.search.inputs import histories_to_inputs
+from model.search.scoring import ItemScorer, search
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
@@ -37,10 +38,21 @@ MAX_ABS_DIFF_FP32 = 1e-4
 TOP_K = 10
 MIN_TOPK_AGREEMENT = 0.99
 DEFAULT_USERS = 256
-DEFAULT_BEAM = 20
+DEFAULT_BEAM = 200  # candidates of the beam search mode (catalogs too large to score whole)
 BATCH = 32
 
-LogProbsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (codes, item_mask) -> [B, L, V] float32
+# (codes, items, item_mask) -> (code_scores [B, L, V], query [B, D]), float32
+ScoresFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Search:
+    """How a bundle's items are ranked: the scorer (catalog side) and the search mode."""
+
+    scorer: ItemScorer
+    trie: CodeTrie
+    mode: str = "exact"
+    candidates: int = DEFAULT_BEAM
 
 
 class VerificationError(RuntimeError):
@@ -82,48 +94,52 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def onnx_fn(session: ort.InferenceSession) -> LogProbsFn:
-    def run(codes: np.ndarray, item_mask: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(INPUT_NAMES, (codes.astype(np.int64), item_mask.astype(bool)), strict=True))
-        return session.run(None, feeds)[0]
+def onnx_fn(session: ort.InferenceSession) -> ScoresFn:
+    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        arrays = (codes.astype(np.int64), items.astype(np.int64), item_mask.astype(bool))
+        code_scores, query = session.run(None, dict(zip(INPUT_NAMES, arrays, strict=True)))
+        return code_scores, query
 
     return run
 
 
-def torch_fn(model: FAIR) -> LogProbsFn:
-    def run(codes: np.ndarray, item_mask: np.ndarray) -> np.ndarray:
+def torch_fn(model: FAIR) -> ScoresFn:
+    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            out = model.next_item_log_probs(torch.from_numpy(codes), torch.from_numpy(item_mask))
-        return out.float().numpy()
+            cs, q = model.next_item_scores(*(torch.from_numpy(a) for a in (codes, items, item_mask)))
+        return cs.float().numpy(), q.float().numpy()
 
     return run
 
 
-def log_probs_for(
-    fn: LogProbsFn,
+def scores_for(
+    fn: ScoresFn,
     histories: Sequence[np.ndarray],
     codes_table: np.ndarray,
     max_history: int,
     batch: int = BATCH,
-) -> np.ndarray:
-    """[U, L, V] log-probs for every history, in batches of mixed lengths (left padding exercised)."""
-    parts = []
+) -> tuple[np.ndarray, np.ndarray]:
+    """(code_scores [U, L, V], query [U, D]) for every history, in batches of mixed lengths (left
+    padding exercised)."""
+    cs, qs = [], []
     for start in range(0, len(histories), batch):
-        codes, mask = histories_to_inputs(histories[start : start + batch], codes_table, max_history)
-        parts.append(np.asarray(fn(codes, mask), dtype=np.float32))
-    return np.concatenate(parts)
+        inputs = histories_to_inputs(histories[start : start + batch], codes_table, max_history)
+        c, q = fn(*inputs)
+        cs.append(np.asarray(c, dtype=np.float32))
+        qs.append(np.asarray(q, dtype=np.float32))
+    return np.concatenate(cs), np.concatenate(qs)
 
 
 def top_items(
-    log_probs: np.ndarray,
-    trie: CodeTrie,
+    how: Search,
+    code_scores: np.ndarray,
+    query: np.ndarray,
     histories: Sequence[np.ndarray],
     k: int = TOP_K,
-    beam: int = DEFAULT_BEAM,
 ) -> np.ndarray:
-    """Top-k items per user through the shared beam search, seen items excluded as when serving."""
-    return constrained_beam_search(
-        log_probs, trie, beam_size=max(beam, k), k=k, exclude=list(histories)
+    """Top-k items per user through the shared search, seen items excluded as when serving."""
+    return search(
+        how.scorer, how.trie, code_scores, query, k, how.mode, max(how.candidates, k), list(histories)
     ).items
 
 
@@ -158,7 +174,7 @@ def sample_histories(
 
 # ---- gates ----------------------------------------------------------------------------------------------
 def check_graph(
-    path: str | os.PathLike, num_levels: int, codebook_size: int, focused_layers: int
+    path: str | os.PathLike, num_levels: int, codebook_size: int, focused_layers: int, d_model: int
 ) -> list[str]:
     """Gate 1. Returns the list of problems (empty = pass)."""
     problems: list[str] = []
@@ -179,6 +195,12 @@ def check_graph(
         )
     elif isinstance(dims[0], int) and dims[0] > 0:
         problems.append(f"batch axis of the output is static ({dims[0]})")
+    query = inferred.graph.output[1].type.tensor_type if len(inferred.graph.output) > 1 else None
+    qdims = (
+        [d.dim_value if d.HasField("dim_value") else d.dim_param for d in query.shape.dim] if query else []
+    )
+    if query is None or query.elem_type != onnx.TensorProto.FLOAT or len(qdims) != 2 or qdims[1] != d_model:
+        problems.append(f"second output is {qdims}, expected query FLOAT [batch, {d_model}]")
     units = attention_units(proto, FOCUSED_ATTENTION)
     if len(units) != focused_layers:
         problems.append(
@@ -188,30 +210,32 @@ def check_graph(
 
 
 def compare(
-    reference: LogProbsFn,
-    candidate: LogProbsFn,
+    reference: ScoresFn,
+    candidate: ScoresFn,
     table: SemanticIdTable,
-    trie: CodeTrie,
+    how: Search,
     histories: Sequence[np.ndarray],
     max_history: int,
     precision: str,
-    beam: int = DEFAULT_BEAM,
 ) -> VerificationReport:
     """Gates 2 and 3 (enforced for fp32 only)."""
-    ref = log_probs_for(reference, histories, table.codes, max_history)
-    got = log_probs_for(candidate, histories, table.codes, max_history)
-    if np.isnan(ref).any() or np.isnan(got).any():  # e.g. a checkpoint with NaN weights
+    ref = scores_for(reference, histories, table.codes, max_history)
+    got = scores_for(candidate, histories, table.codes, max_history)
+    if any(np.isnan(a).any() for a in (*ref, *got)):  # e.g. a checkpoint with NaN weights
         diff, agreement = float("nan"), 0.0
     else:
-        diff = float(np.abs(ref - got).max()) if ref.size else 0.0
-        same = top_items(ref, trie, histories, beam=beam) == top_items(got, trie, histories, beam=beam)
+        diff = max(float(np.abs(r - g).max()) if r.size else 0.0 for r, g in zip(ref, got, strict=True))
+        same = top_items(how, *ref, histories) == top_items(how, *got, histories)
         agreement = float(same.all(axis=1).mean()) if len(same) else 1.0
     report = VerificationReport(precision, len(histories), diff, agreement)
-    report.checks += ["onnxruntime vs pytorch log-probs", f"top-{TOP_K} beam search agreement"]
+    report.checks += [
+        "onnxruntime vs pytorch code_scores and query",
+        f"top-{TOP_K} agreement through the served search ({how.mode})",
+    ]
     if precision == "fp32":
         if not diff <= MAX_ABS_DIFF_FP32:
             report.failures.append(
-                f"parity: max |log_probs onnx - torch| = {diff:.3g} > {MAX_ABS_DIFF_FP32:g} over {len(histories)} histories"
+                f"parity: max |scores onnx - torch| = {diff:.3g} > {MAX_ABS_DIFF_FP32:g} over {len(histories)} histories"
             )
         if report.topk_agreement < MIN_TOPK_AGREEMENT:
             report.failures.append(
@@ -224,20 +248,19 @@ def verify_model(
     onnx_path: str | os.PathLike,
     model: FAIR,
     table: SemanticIdTable,
-    trie: CodeTrie,
+    how: Search,
     histories: Sequence[np.ndarray],
     max_history: int,
     precision: str = "fp32",
-    beam: int = DEFAULT_BEAM,
 ) -> VerificationReport:
     """All gates; raises ``VerificationError`` naming each failed gate and its figure."""
     cfg = model.cfg
     focused = cfg.n_layers if cfg.attention == "focused" else 0
-    graph_problems = check_graph(onnx_path, cfg.num_levels, cfg.codebook_size, focused)
+    graph_problems = check_graph(onnx_path, cfg.num_levels, cfg.codebook_size, focused, cfg.d_model)
     if graph_problems:
         raise VerificationError(f"{Path(onnx_path).name}: graph check failed: " + "; ".join(graph_problems))
     session = ort_session(onnx_path)
-    report = compare(torch_fn(model), onnx_fn(session), table, trie, histories, max_history, precision, beam)
+    report = compare(torch_fn(model), onnx_fn(session), table, how, histories, max_history, precision)
     report.checks.insert(0, "onnx.checker + strict shape inference + named focused-attention units")
     if report.failures:
         raise VerificationError(f"{Path(onnx_path).name} ({precision}): " + "; ".join(report.failures))
@@ -245,13 +268,12 @@ def verify_model(
 
 
 def offline_metrics(
-    fn: LogProbsFn,
+    fn: ScoresFn,
     table: SemanticIdTable,
-    trie: CodeTrie,
+    how: Search,
     histories: Sequence[np.ndarray],
     targets: np.ndarray,
     max_history: int,
-    beam: int = DEFAULT_BEAM,
     batch: int = 256,
 ) -> dict[str, float | int]:
     """Recall/NDCG@5/10 of a model (any runner) on leave-one-out histories, seen items excluded."""
@@ -260,7 +282,7 @@ def offline_metrics(
     items = []
     for start in range(0, len(hist), batch):
         part = hist[start : start + batch]
-        lp = log_probs_for(fn, part, table.codes, max_history, batch=batch)
-        items.append(top_items(lp, trie, part, beam=beam))
+        cs, q = scores_for(fn, part, table.codes, max_history, batch=batch)
+        items.append(top_items(how, cs, q, part))
     ranked = np.concatenate(items) if items else np.zeros((0, TOP_K), dtype=np.int64)
     return evaluation_report(ranked, np.asarray(targets)[keep], table.num_items, exclude=hist)

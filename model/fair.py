@@ -16,7 +16,17 @@ else identical, the baseline of the ablations.
 
 At the last token of every item, L parallel heads give logits over each code of the NEXT item
 (non-autoregressive multi-token prediction), so one pass trains on every item boundary and serving
-needs a single forward pass per request (``next_item_log_probs``, the function exported to ONNX).
+needs a single forward pass per request (``next_item_scores``, the function exported to ONNX).
+
+Item score. The score that training optimises and serving ranks by is one number per catalog item:
+
+    score(i) = sum_l code_logits[l, code_l(i)]  +  query . item_vec(i)  +  item_bias(i)
+
+the code part generalises across items that share codes (and carries items that never had an
+interaction), the optional free item-ID part (``item_ids = true``: one embedding per item, tied between
+input and output) is what lets the network tell apart items with similar text. Items without a trained
+ID embedding (``item_trained`` False: no interaction in the training data) have that part fixed to 0, in
+training and in serving alike, so they are ranked by their codes alone (cold start).
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ class FAIRConfig:
     attention: str = "focused"  # "focused" | "standard"
     user_buckets: int = 0  # > 0: prepend one hashed user token (bucket = crc32(user id) % user_buckets)
     tie_output: bool = True  # output head of level j scores against the input code embeddings of level j
+    item_ids: bool = True  # a free item-ID embedding beside the codes (input and output, one tied table)
+    num_items: int = 0  # catalog size: rows of the item-ID table (set from the semantic-ID table at training)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -59,6 +71,13 @@ class FAIRConfig:
         for name in ("num_levels", "codebook_size", "max_items", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_items < 0:
+            raise ValueError(f"num_items must be >= 0, got {self.num_items}")
+
+    @property
+    def has_item_ids(self) -> bool:
+        """Whether the network has a free item-ID table (asked for and a catalog size known)."""
+        return self.item_ids and self.num_items > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,9 +276,15 @@ class FAIR(nn.Module):
         self.head_proj = nn.Parameter(torch.empty(L, D, D))
         self.head_bias = nn.Parameter(torch.zeros(L, V))
         self.head_out = None if cfg.tie_output else nn.Parameter(torch.empty(L, V, D))
-        # projection heads of the InfoNCE objective (training only; not on the export path)
-        self.mi_hist = nn.Linear(D, D)
-        self.mi_item = nn.Linear(D, D)
+        # the free item-ID part: one table tied between input and output, a per-item bias, and the
+        # projection of the history that scores against it. item_trained: which rows were trained.
+        n_ids = cfg.num_items if cfg.has_item_ids else 0
+        self.item_emb = nn.Embedding(n_ids, D) if n_ids else None
+        self.item_bias = nn.Parameter(torch.zeros(n_ids)) if n_ids else None
+        self.id_query = nn.Linear(D, D, bias=False) if n_ids else None
+        self.register_buffer("item_trained", torch.ones(n_ids, dtype=torch.bool))
+        # L_mi's learned inverse temperature (training only; not on the export path)
+        self.mi_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.apply(self._init)
         nn.init.normal_(self.head_proj, std=1.0 / math.sqrt(D))
         if self.head_out is not None:
@@ -292,9 +317,20 @@ class FAIR(nn.Module):
         L, V = self.cfg.num_levels, self.cfg.codebook_size
         return self.code_emb.weight.view(L, V + 1, -1)[:, :V]
 
-    def item_representation(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [..., L] -> [..., D]: an item built from its code embeddings (mean over levels)."""
-        return self.code_embeddings(codes).mean(dim=-2)
+    def id_vectors(self) -> torch.Tensor:
+        """[I, D] item-ID embeddings, rows of untrained items zeroed (their ID part is exactly 0)."""
+        return self.item_emb.weight * self.item_trained[:, None].to(self.item_emb.weight.dtype)
+
+    def id_bias(self) -> torch.Tensor:
+        """[I] per-item bias, 0 for untrained items."""
+        return self.item_bias * self.item_trained.to(self.item_bias.dtype)
+
+    def id_input(self, items: torch.Tensor) -> torch.Tensor:
+        """items [...] (-1 = padding or unknown) -> [..., D] ID embeddings, 0 where untrained/unknown."""
+        known = items >= 0
+        safe = items.clamp(min=0)
+        keep = known & self.item_trained[safe]
+        return self.item_emb(safe) * keep[..., None].to(self.item_emb.weight.dtype)
 
     def forward(
         self,
@@ -303,6 +339,7 @@ class FAIR(nn.Module):
         return_attn: bool = False,
         user_buckets: torch.Tensor | None = None,  # [B] int64, only when cfg.user_buckets > 0
         plain: bool = False,
+        items: torch.Tensor | None = None,  # [B,N] int64 item indices (-1: unknown), item-ID models only
     ) -> FAIROutput:
         """Logits for the next item's L codes at every item boundary (+ history representation).
 
@@ -318,7 +355,12 @@ class FAIR(nn.Module):
             self.code_embeddings(codes)  # [B,N,L,D]
             + self.level_emb.weight  # [L,D]
             + self.pos_emb(pos)[:, None, :]  # [N,1,D]
-        ).reshape(B, N * L, D)
+        )
+        if self.item_emb is not None:
+            if items is None:
+                raise ValueError("this model has item-ID embeddings (item_ids = true): pass items")
+            x = x + self.id_input(items)[:, :, None, :]  # the item's ID joins each of its L tokens
+        x = x.reshape(B, N * L, D)
         key_real = item_mask[:, :, None].expand(B, N, L).reshape(B, N * L)  # [B,T]
         if self.user_emb is not None:
             if user_buckets is None:
@@ -344,16 +386,61 @@ class FAIR(nn.Module):
         table = self.level_code_table() if self.head_out is None else self.head_out  # [L,V,D]
         return torch.einsum("...le,lve->...lv", h, table) + self.head_bias
 
-    def next_item_log_probs(
+    def query(self, history: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., D]: what the item-ID part scores against (the history itself without IDs)."""
+        return self.id_query(history) if self.id_query is not None else history
+
+    def item_vectors(
+        self, item_codes: torch.Tensor, items: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output side of the item score for the items ``items`` (default: all), whose codes are
+        ``item_codes`` [C, L]: ``(vectors [C, L*D (+ D)], bias [C])``.
+
+        The code part of the score, sum_l (W_l h) . E_l[c_l] + b_l[c_l], is a dot product of the
+        stacked per-level queries with the stacked code embeddings, so the whole item score is ONE
+        dot product: ``query_vectors(h) @ vectors.T + bias``.
+        """
+        L = self.cfg.num_levels
+        table = self.level_code_table() if self.head_out is None else self.head_out  # [L,V,D]
+        levels = torch.arange(L, device=item_codes.device)
+        vec = table[levels, item_codes].flatten(-2)  # [C, L*D]
+        bias = self.head_bias[levels, item_codes].sum(-1)  # [C]
+        if self.item_emb is not None:
+            if items is None:
+                items = torch.arange(item_codes.size(0), device=item_codes.device)
+            vec = torch.cat([vec, self.id_vectors()[items]], dim=-1)
+            bias = bias + self.id_bias()[items]
+        return vec, bias
+
+    def query_vectors(self, history: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., L*D (+ D)]: the stacked per-level head queries (+ the ID query)."""
+        h = torch.einsum("...d,lde->...le", history, self.head_proj).flatten(-2)  # [..., L*D]
+        if self.item_emb is not None:
+            h = torch.cat([h, self.id_query(history)], dim=-1)
+        return h
+
+    def item_logits(
+        self, history: torch.Tensor, item_codes: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """history [P, D] -> item scores [P, C] for the items ``items`` (default all) with codes
+        ``item_codes`` [C, L]: the score training optimises and serving ranks by (module docstring)."""
+        vec, bias = self.item_vectors(item_codes, items)
+        return self.query_vectors(history) @ vec.T + bias
+
+    def next_item_scores(
         self,
         codes: torch.Tensor,  # [B,N,L] int64
+        items: torch.Tensor,  # [B,N] int64 item indices (-1 = unknown item)
         item_mask: torch.Tensor,  # [B,N] bool
         user_buckets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """log-softmax over each code of the next item, at the newest item: [B,L,V] float32.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the service needs to score every item, at the newest item: ``(code_scores [B,L,V],
+        query [B,D])``, both float32. Item i scores ``sum_l code_scores[l, code_l(i)] + query .
+        id_vector(i) + id_bias(i)`` (``model.search.scoring.ItemScorer``).
 
         Plain attention and no data-dependent Python control flow: this is what ``fair-export``
         traces to ONNX with dynamic B and N.
         """
-        out = self.forward(codes, item_mask, user_buckets=user_buckets, plain=True)
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        out = self.forward(codes, item_mask, user_buckets=user_buckets, plain=True, items=items)
+        h = out.history[:, -1]  # [B,D]
+        return out.logits[:, -1].float(), self.query(h).float()

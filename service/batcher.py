@@ -1,4 +1,4 @@
-"""Dynamic micro-batching: many concurrent requests -> one forward pass + one vectorized beam search.
+"""Dynamic micro-batching: many concurrent requests -> one forward pass + one vectorized search.
 
 Requests go into a bounded queue (full -> the caller gets ``QueueFull`` -> 429). One worker thread
 takes the first waiting job, then whatever else arrives within ``max_wait_ms`` up to
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.engine import Engine
+from service.engine import Engine, ModelScores
 
 log = logging.getLogger("fair.batcher")
 
@@ -151,7 +151,7 @@ class Batcher:
     def _run_engine(engine: Engine, jobs: list[Job]) -> None:
         try:
             t0 = time.perf_counter()
-            log_probs = engine.forward([j.history for j in jobs])
+            scores = engine.forward([j.history for j in jobs])
             t1 = time.perf_counter()
             metrics.stage("inference").observe(t1 - t0)
             # The beam width depends on k, so requests are searched in (beam, k) groups; nearly all
@@ -161,7 +161,7 @@ class Batcher:
                 groups[(job.beam_size, job.k)].append(i)
             results: dict[int, JobResult | Exception] = {}
             for (beam, k), rows in groups.items():
-                results.update(_search_group(engine, log_probs, jobs, rows, beam, k))
+                results.update(_search_group(engine, scores, jobs, rows, beam, k))
             t2 = time.perf_counter()
             metrics.stage("beam_search").observe(t2 - t1)
         except Exception as exc:
@@ -181,23 +181,23 @@ class Batcher:
 
 
 def _search_group(
-    engine: Engine, log_probs: np.ndarray, jobs: list[Job], rows: list[int], beam: int, k: int
+    engine: Engine, model_scores: ModelScores, jobs: list[Job], rows: list[int], beam: int, k: int
 ) -> dict[int, JobResult | Exception]:
-    """Beam search for the batch rows of one (beam, k) group: a result, or the error, per row.
+    """The search for the batch rows of one (beam, k) group: a result, or the error, per row.
 
-    The search refuses a whole batch when one user's log-probs are unusable (NaN from a broken
+    The search refuses a whole batch when one user's scores are unusable (NaN from a broken
     export or an input the model cannot handle): then each row is searched alone, so only that
     user's request fails and the others in the batch are still answered.
     """
     try:
-        items, scores = engine.search(log_probs[rows], beam, k, [jobs[i].exclude for i in rows])
+        items, scores = engine.search(model_scores[rows], beam, k, [jobs[i].exclude for i in rows])
     except ValueError as exc:
         if len(rows) == 1:
-            log.error("beam search failed for user %r: %s", jobs[rows[0]].user_id, exc)
+            log.error("search failed for user %r: %s", jobs[rows[0]].user_id, exc)
             return {rows[0]: exc}
         out: dict[int, JobResult | Exception] = {}
         for i in rows:
-            out.update(_search_group(engine, log_probs, jobs, [i], beam, k))
+            out.update(_search_group(engine, model_scores, jobs, [i], beam, k))
         return out
     out = {}
     for r, i in enumerate(rows):

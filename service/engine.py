@@ -1,4 +1,4 @@
-"""A loaded bundle ready to serve: one onnxruntime session + the catalog, trie and popular list.
+"""A loaded bundle ready to serve: one onnxruntime session + the catalog, item scores, trie, popular list.
 
 The provider list is a preference (CUDA, then CPU); onnxruntime silently drops providers it cannot
 use, so we read back what the session actually runs on, log it, and expose it (``/model``,
@@ -20,10 +20,27 @@ import numpy as np
 import onnxruntime as ort
 
 from export.bundle import LoadedBundle, load_bundle
-from model.search.beam import constrained_beam_search
-from model.search.inputs import histories_to_inputs
+from model.search.inputs import INPUT_NAMES, histories_to_inputs
+from model.search.scoring import search
 
 log = logging.getLogger("fair.engine")
+OUTPUT_NAMES = ["code_scores", "query"]
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One forward pass's output for a batch: ``code_scores [B, L, V]`` and ``query [B, D]``; rows
+    can be taken with ``scores[rows]`` (the batcher searches groups of rows)."""
+
+    code_scores: np.ndarray
+    query: np.ndarray
+
+    def __getitem__(self, rows) -> ModelScores:
+        return ModelScores(self.code_scores[rows], self.query[rows])
+
+    def __len__(self) -> int:
+        return len(self.code_scores)
+
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -76,17 +93,25 @@ class Engine:
             self._item_json[index] = (head, tail)
         return head + score_json + tail
 
-    def forward(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Histories of item indices (oldest first, non-empty) -> log_probs ``[B, L, V]`` float32."""
-        codes, item_mask = histories_to_inputs(histories, self.bundle.table.codes, self.max_history)
-        (log_probs,) = self.session.run(["log_probs"], {"codes": codes, "item_mask": item_mask})
-        return log_probs
+    def forward(self, histories: Sequence[np.ndarray]) -> ModelScores:
+        """Histories of item indices (oldest first, non-empty) -> the batch's ``ModelScores``."""
+        inputs = histories_to_inputs(histories, self.bundle.table.codes, self.max_history)
+        code_scores, query = self.session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, inputs, strict=True)))
+        return ModelScores(code_scores, query)
 
     def search(
-        self, log_probs: np.ndarray, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
+        self, scores: ModelScores, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Constrained beam search for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded."""
-        result = constrained_beam_search(log_probs, self.bundle.trie, beam_size, k, exclude)
+        """The bundle's search for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded.
+
+        Exact bundles score the whole catalog (``beam_size`` plays no part); beam bundles rescore
+        ``max(beam_size, the manifest's candidates)`` beam candidates.
+        """
+        b = self.bundle
+        candidates = max(beam_size, b.search_candidates, k)
+        result = search(
+            b.scorer, b.trie, scores.code_scores, scores.query, k, b.search_mode, candidates, exclude
+        )
         return result.items, result.scores
 
     def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:
@@ -100,8 +125,8 @@ class Engine:
         n = min(self.bundle.table.num_items, self.max_history)
         full = np.arange(n, dtype=np.int64)
         for batch in sorted({1, max_batch_size}):
-            lp = self.forward([full] * batch)
-            self.search(lp, beam_size, k, [full] * batch)
+            scores = self.forward([full] * batch)
+            self.search(scores, beam_size, k, [full] * batch)
         return time.perf_counter() - t0
 
 
@@ -124,12 +149,12 @@ def load_engine(
         sess_options=session_options(intra_op_threads, inter_op_threads, allow_spinning),
         providers=wanted,
     )
-    names = {i.name for i in session.get_inputs()}
-    missing = {"codes", "item_mask"} - names
-    if missing or "log_probs" not in {o.name for o in session.get_outputs()}:
+    names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if sorted(names) != sorted(INPUT_NAMES) or sorted(outputs) != sorted(OUTPUT_NAMES):
         raise ValueError(
-            f"{bundle.model_path}: model inputs {sorted(names)} / outputs "
-            f"{[o.name for o in session.get_outputs()]} do not match codes, item_mask -> log_probs"
+            f"{bundle.model_path}: model inputs {names} / outputs {outputs} do not match "
+            f"{', '.join(INPUT_NAMES)} -> {', '.join(OUTPUT_NAMES)}"
         )
     provider = session.get_providers()[0]
     if wanted[0] != provider:

@@ -1,10 +1,10 @@
 """``fair-eval``: leave-one-out Recall/NDCG of a trained run, or of the popularity baseline.
 
-    fair-eval --run RUN_DIR --data DIR [--split valid|test] [--beam 20] [--k 10] [--json]
+    fair-eval --run RUN_DIR --data DIR [--split valid|test] [--search exact|beam] [--beam 200] [--k 10] [--json]
     fair-eval --baseline popularity --data DIR [--split test] [--json]
 
-Full ranking over the whole catalog: the model's items come from the same constrained beam search the
-service runs, seen items excluded, and the invalid-ID rate is measured on what comes back. With
+Full ranking over the whole catalog: the model's items come from the same search the service runs
+(exact scoring of every item, or beam candidates rescored by the same score), seen items excluded, and the invalid-ID rate is measured on what comes back. With
 ``--json`` the last line printed is one JSON object (recall@5, recall@10, ndcg@5, ndcg@10,
 invalid_rate, users, split, seconds, ...), so scripts can ``tail -n 1``.
 """
@@ -55,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=["valid", "test"], default="test", help="leave-one-out split (default test)"
     )
     p.add_argument(
-        "--beam", type=int, default=20, help="beam size of the constrained beam search (default 20)"
+        "--search",
+        choices=["exact", "beam"],
+        default="exact",
+        help="exact: score every catalog item (default); beam: the constrained beam over semantic IDs "
+        "proposes --beam candidates, rescored by the full item score",
+    )
+    p.add_argument(
+        "--beam",
+        type=int,
+        default=200,
+        help="beam width = candidates rescored with --search beam (default 200)",
     )
     p.add_argument("--k", type=int, default=10, help="items ranked per user, >= 10 (default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default 256)")
@@ -102,6 +112,7 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict]:
         ev.histories,
         ev.targets,
         user_ids=[dataset.user_ids[u] for u in ev.users] if run.user_buckets else None,
+        search_mode=args.search,
         beam_size=args.beam,
         k=args.k,
         batch_size=args.batch_size,
@@ -112,7 +123,7 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict]:
     context = {
         "model": f"{run.path} ({run.checkpoint_path.name}, step {run.checkpoint.get('step', '?')})",
         "attention": getattr(run.model.cfg, "attention", "?"),
-        "beam": args.beam,
+        "search": args.search if args.search == "exact" else f"beam {args.beam}",
         "max_history": max_history,
     }
     return report, context

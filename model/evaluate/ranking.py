@@ -1,9 +1,10 @@
 """Model -> ranked items, through exactly the code path the service uses.
 
 Histories become model inputs with ``model.search.inputs.histories_to_inputs``, the network gives the
-next item's per-level code log-probs (``FAIR.next_item_log_probs``, the exported form), and
-``model.search.beam.constrained_beam_search`` turns them into catalog items. Offline numbers are only
-worth something if they measure the thing that is served, so nothing here re-implements decoding.
+next item's code scores and query (``FAIR.next_item_scores``, the exported form), and
+``model.search.scoring.search`` (exact scoring, or beam candidates rescored) turns them into catalog
+items. Offline numbers are only worth something if they measure the thing that is served, so nothing
+here re-implements the search.
 
 The invalid-ID rate is measured, not assumed: every returned item is checked against the catalog
 (index range, its code tuple resolving back to it through the trie), for repeats, and for seen items.
@@ -22,8 +23,8 @@ from tqdm import tqdm
 
 from model.evaluate.metrics import EMPTY, evaluation_report, invalid_item_mask, share_of_filled
 from model.fair import hash_user
-from model.search.beam import constrained_beam_search
 from model.search.inputs import histories_to_inputs
+from model.search.scoring import SEARCH_MODES, ItemScorer, search
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 from model.train.checkpoint import load_model
@@ -51,11 +52,22 @@ def invalid_rate(
     return share_of_filled(bad, items)
 
 
+def item_scorer(model: torch.nn.Module, table: SemanticIdTable) -> ItemScorer:
+    """The catalog side of ``model``'s item score as numpy (what a bundle ships as item_vectors.npz)."""
+    if getattr(model, "item_emb", None) is None:
+        return ItemScorer(np.asarray(table.codes, dtype=np.int64))
+    with torch.no_grad():
+        vectors = model.id_vectors().float().cpu().numpy()
+        bias = model.id_bias().float().cpu().numpy()
+    return ItemScorer(np.asarray(table.codes, dtype=np.int64), vectors, bias)
+
+
 def rank_items(
     model: torch.nn.Module,
     table: SemanticIdTable,
     trie: CodeTrie,
     histories: Sequence[np.ndarray],
+    search_mode: str = "exact",
     beam_size: int = 20,
     k: int = 10,
     batch_size: int = 256,
@@ -65,7 +77,8 @@ def rank_items(
     user_buckets: np.ndarray | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rank the catalog for every history with the shared constrained beam search.
+    """Rank the catalog for every history with the shared search (``search_mode`` exact, or beam:
+    ``beam_size`` candidates from the constrained beam, rescored).
 
     ``histories``: per user an int array of item indices, oldest first, non-empty (users without a
     history are the fallback's job, not the model's). ``max_history`` defaults to the longest given
@@ -73,6 +86,8 @@ def rank_items(
     built with a hashed user token. Returns ``(items [U, k] int64, scores [U, k] float32)``; the
     model is left in the train/eval mode it came in.
     """
+    if search_mode not in SEARCH_MODES:
+        raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     if beam_size < k:
         raise ValueError(f"beam_size ({beam_size}) must be >= k ({k})")
     if batch_size < 1:
@@ -94,25 +109,29 @@ def rank_items(
     order = np.argsort(lengths, kind="stable")
     was_training = model.training
     model.eval()
+    scorer = item_scorer(model, table)
     try:
         starts = range(0, num_users, batch_size)
         for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress, leave=False):
             users = order[start : start + batch_size]
             batch = [np.asarray(histories[u], dtype=np.int64) for u in users]
-            codes, mask = histories_to_inputs(batch, table.codes, max_history)
+            inputs = histories_to_inputs(batch, table.codes, max_history)
             extra = {}
             if user_buckets is not None:
                 buckets = np.asarray(user_buckets, dtype=np.int64)[users]
                 extra["user_buckets"] = torch.as_tensor(buckets, device=device)
             with torch.no_grad():
-                log_probs = model.next_item_log_probs(
-                    torch.as_tensor(codes, device=device), torch.as_tensor(mask, device=device), **extra
+                code_scores, query = model.next_item_scores(
+                    *(torch.as_tensor(a, device=device) for a in inputs), **extra
                 )
-            result = constrained_beam_search(
-                log_probs.float().cpu().numpy(),
+            result = search(
+                scorer,
                 trie,
-                beam_size=beam_size,
+                code_scores.float().cpu().numpy(),
+                query.float().cpu().numpy(),
                 k=k,
+                mode=search_mode,
+                candidates=beam_size,
                 exclude=batch if exclude_seen else None,
             )
             items[users] = result.items
@@ -187,6 +206,7 @@ def evaluate_run(
     histories: Sequence[np.ndarray],
     targets: np.ndarray,
     user_ids: Sequence[str] | None = None,
+    search_mode: str = "exact",
     beam_size: int = 20,
     k: int = 10,
     batch_size: int = 256,
@@ -206,6 +226,7 @@ def evaluate_run(
         run.table,
         run.trie,
         histories,
+        search_mode=search_mode,
         beam_size=beam_size,
         k=k,
         batch_size=batch_size,

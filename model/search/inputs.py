@@ -7,18 +7,28 @@ column: the model reads the user state at a fixed position whatever the history 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+
+INPUT_NAMES = ("codes", "items", "item_mask")  # the exported graph's inputs, in this order
+
+
+class ModelInputs(NamedTuple):
+    codes: np.ndarray  # int64 [B, N, L] semantic-ID codes of each history item, 0 for padding
+    items: np.ndarray  # int64 [B, N] item indices, -1 for padding (read by item-ID models)
+    item_mask: np.ndarray  # bool [B, N] True for real items
 
 
 def histories_to_inputs(
     histories: Sequence[np.ndarray | Sequence[int]],
     codes_table: np.ndarray,
     max_history: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Turn per-user item-index histories (oldest first) into ``(codes, item_mask)``.
+) -> ModelInputs:
+    """Turn per-user item-index histories (oldest first) into ``(codes, items, item_mask)``.
 
     * ``codes``: int64 ``[B, N, L]``, the semantic-ID codes of each history item, 0 for padding;
+    * ``items``: int64 ``[B, N]``, the item indices, -1 for padding;
     * ``item_mask``: bool ``[B, N]``, True for real items.
 
     Each history is truncated to its last ``max_history`` items; ``N`` is the longest truncated history
@@ -51,7 +61,9 @@ def histories_to_inputs(
     cols = width - lengths[rows] + within
 
     codes = np.zeros((batch, width, length), dtype=np.int64)
+    items = np.full((batch, width), -1, dtype=np.int64)
     item_mask = np.zeros((batch, width), dtype=bool)
     codes[rows, cols] = codes_table[flat]
+    items[rows, cols] = flat
     item_mask[rows, cols] = True
-    return codes, item_mask
+    return ModelInputs(codes, items, item_mask)

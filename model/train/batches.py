@@ -30,6 +30,7 @@ class Windows:
 @dataclass
 class Batch:
     codes: torch.Tensor  # [B,N,L] input item codes, left-padded
+    items: torch.Tensor  # [B,N] input item indices, -1 on padding
     item_mask: torch.Tensor  # [B,N]
     target_items: torch.Tensor  # [B,N] next item at each boundary, -1 on padding
     target_codes: torch.Tensor  # [B,N,L]
@@ -43,9 +44,25 @@ class Batch:
         return Batch(
             *(
                 t.to(device)
-                for t in (self.codes, self.item_mask, self.target_items, self.target_codes, self.users)
+                for t in (
+                    self.codes,
+                    self.items,
+                    self.item_mask,
+                    self.target_items,
+                    self.target_codes,
+                    self.users,
+                )
             )
         )
+
+
+def trained_items(windows: Windows, num_items: int) -> np.ndarray:
+    """bool [num_items]: items that occur in the training windows (as input or target). Only these get
+    a trained item-ID embedding; the others are scored by their semantic-ID codes alone."""
+    seen = np.zeros(num_items, dtype=bool)
+    if windows.seq:
+        seen[np.concatenate(windows.seq)] = True
+    return seen
 
 
 def training_windows(dataset: SequenceDataset, max_history: int) -> Windows:
@@ -93,6 +110,7 @@ def collate(windows: Windows, index: np.ndarray, item_codes: np.ndarray) -> Batc
     target_codes = np.where((targets >= 0)[..., None], item_codes[np.maximum(targets, 0)], 0)
     return Batch(
         torch.from_numpy(codes),
+        torch.from_numpy(items),
         torch.from_numpy(mask),
         torch.from_numpy(targets),
         torch.from_numpy(target_codes),

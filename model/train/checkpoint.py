@@ -18,6 +18,7 @@ import torch
 from model.fair import FAIR, FAIRConfig
 
 REQUIRED_KEYS = ("model", "model_config")
+OBSOLETE_PREFIXES = ("mi_hist.", "mi_item.")
 
 
 class CheckpointError(ValueError):
@@ -85,6 +86,13 @@ def load_model(
     """Load a checkpoint file (or a run directory: its best.pt, else checkpoint.pt) -> (model in eval mode, dict)."""
     ckpt = read_checkpoint(path, map_location)
     model = FAIR(FAIRConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    # the projection heads of the first L_mi form (training only) are not part of the network any more
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith(OBSOLETE_PREFIXES)}
+    missing = [k for k in model.state_dict() if k not in state and k != "mi_log_scale"]
+    if "mi_log_scale" not in state:
+        state["mi_log_scale"] = model.mi_log_scale.detach().clone()
+    if missing:
+        raise CheckpointError(f"{path}: weights lack {missing[:5]} for this model config")
+    model.load_state_dict(state)
     model.to(map_location).eval()
     return model, ckpt

@@ -19,6 +19,7 @@ from typing import Any
 from model.fair import FAIRConfig
 
 PERTURB_OPS = ("drop", "mask", "substitute")
+ITEM_LOSSES = ("full", "sampled")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay float32)
     # objectives
+    item_loss: str = "full"  # L_next: "full" softmax over the catalog | "sampled" (in-batch + sampled, logQ)
+    num_negatives: int = 2048  # sampled negatives per batch (item_loss = "sampled")
+    code_loss_weight: float = 0.0  # gamma: weight of the auxiliary per-level code cross-entropy
     robust: bool = True  # L_robust on/off
     alpha: float = 0.1  # weight of L_robust
     robust_attn_weight: float = 1.0  # weight of the attention-map term inside L_robust
@@ -54,11 +58,20 @@ class TrainConfig:
     # validation / early stopping
     eval_every: int = 500  # steps between validations (and checkpoints)
     eval_users: int = 3000  # validation users sampled once per run (0 = all)
-    eval_beam: int = 20
+    eval_search: str = "exact"  # "exact" (score the catalog) | "beam" (beam candidates, rescored)
+    eval_beam: int = 20  # beam width = candidates rescored, when eval_search = "beam"
     patience: int = 6  # validations without NDCG@10 improvement before stopping
     log_every: int = 20
 
     def __post_init__(self) -> None:
+        if self.item_loss not in ITEM_LOSSES:
+            raise ConfigError(f"train.item_loss must be one of {list(ITEM_LOSSES)}, got {self.item_loss!r}")
+        if self.eval_search not in ("exact", "beam"):
+            raise ConfigError(f"train.eval_search must be 'exact' or 'beam', got {self.eval_search!r}")
+        if self.num_negatives < 1:
+            raise ConfigError(f"train.num_negatives must be >= 1, got {self.num_negatives}")
+        if self.code_loss_weight < 0:
+            raise ConfigError(f"train.code_loss_weight must be >= 0, got {self.code_loss_weight}")
         bad = [op for op in self.perturb_ops if op not in PERTURB_OPS]
         if bad:
             raise ConfigError(f"train.perturb_ops: unknown {bad}, choose from {list(PERTURB_OPS)}")

@@ -21,12 +21,14 @@ import torch
 
 class Perturbed(NamedTuple):
     codes: torch.Tensor  # [B,N,L] perturbed codes (MASK = codebook_size where masked)
+    items: torch.Tensor  # [B,N] perturbed item indices (-1 where dropped or masked: an unknown item)
     item_mask: torch.Tensor  # [B,N] real items left after dropping
     kept: torch.Tensor  # [B,N] real AND untouched items: where clean and perturbed passes are compared
 
 
 def perturb_history(
     codes: torch.Tensor,
+    items: torch.Tensor,
     item_mask: torch.Tensor,
     item_codes: torch.Tensor,
     mask_code: int,
@@ -34,7 +36,9 @@ def perturb_history(
     ops: Sequence[str] = ("drop", "mask", "substitute"),
     generator: torch.Generator | None = None,
 ) -> Perturbed:
-    """Perturb left-padded histories. ``item_codes`` [num_items, L] is the catalog's code table.
+    """Perturb left-padded histories (codes [B,N,L], item indices [B,N]). ``item_codes`` [num_items, L]
+    is the catalog's code table. A masked item also loses its identity (item index -1): with its ID
+    still there, hiding some of its codes would hide nothing.
 
     ``rate == 0`` (or no ops) is the identity: same codes, same mask, every real item kept.
     """
@@ -62,4 +66,6 @@ def perturb_history(
     out = torch.where(chosen("substitute")[..., None], item_codes.to(dev)[random_items], out)
     dropped = chosen("drop")
     out = torch.where(dropped[..., None], torch.zeros_like(out), out)  # padding codes are 0
-    return Perturbed(out, item_mask & ~dropped, item_mask & ~hit)
+    new_items = torch.where(chosen("substitute"), random_items, items)
+    new_items = torch.where(dropped | chosen("mask"), torch.full_like(items, -1), new_items)
+    return Perturbed(out, new_items, item_mask & ~dropped, item_mask & ~hit)

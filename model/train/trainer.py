@@ -28,11 +28,11 @@ from model.evaluate.ranking import rank_items
 from model.fair import FAIR, hash_user
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
-from model.train.batches import collate, epoch_batches, training_windows
+from model.train.batches import collate, epoch_batches, trained_items, training_windows
 from model.train.checkpoint import read_checkpoint, save_checkpoint
 from model.train.config import ConfigError, RunConfig
 from model.train.distributed import DistInfo, barrier, broadcast_floats
-from model.train.objectives import mutual_info_loss, next_item_loss, robust_loss
+from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
 from model.train.perturb import perturb_history
 from model.train.plots import plot_curves
 
@@ -54,7 +54,12 @@ def check_compatible(cfg: RunConfig, dataset: SequenceDataset, table: SemanticId
         raise ConfigError(
             f"train.max_history={cfg.train.max_history} exceeds model.max_items={cfg.model.max_items}"
         )
-    model = replace(cfg.model, num_levels=table.code_length, codebook_size=table.codebook_size)
+    model = replace(
+        cfg.model,
+        num_levels=table.code_length,
+        codebook_size=table.codebook_size,
+        num_items=table.num_items if cfg.model.item_ids else 0,
+    )
     return RunConfig(model=model, train=cfg.train)
 
 
@@ -103,6 +108,13 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = FAIR(self.cfg.model).to(device)
+        self.trained = trained_items(self.windows, table.num_items)
+        if self.model.item_emb is not None:
+            self.model.item_trained.copy_(torch.from_numpy(self.trained))
+        # sampled softmax: negatives drawn from the training popularity (smoothed), corrected by log Q
+        counts = np.bincount(np.concatenate(self.windows.seq), minlength=table.num_items).astype(np.float64)
+        q = (counts + 1.0) ** 0.75
+        self.sample_q = torch.from_numpy(q / q.sum()).float().to(device)
         self.ddp = (
             DistributedDataParallel(
                 self.model,
@@ -215,6 +227,29 @@ class Trainer:
         gen.manual_seed(base + 7)
         return gen
 
+    def _sampled_items(
+        self, targets: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's distinct targets plus ``num_negatives`` popularity-drawn items:
+        (candidate items [C], column of each target)."""
+        sampled = torch.multinomial(self.sample_q, self.cfg.train.num_negatives, True, generator=gen)
+        cand, inverse = torch.unique(torch.cat([targets, sampled]), return_inverse=True)
+        return cand, inverse[: targets.numel()]
+
+    def _scored_items(self, batch, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(candidate items or None for the whole catalog, label of each valid boundary)."""
+        targets = batch.target_items[batch.valid]  # [P]
+        if self.cfg.train.item_loss == "full":
+            return None, targets
+        return self._sampled_items(targets, gen)
+
+    def _item_logits(self, history: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
+        """Scores of the candidates (the catalog when ``cand`` is None), -log Q corrected if sampled."""
+        if cand is None:
+            return self.model.item_logits(history, self.item_codes_t)
+        logits = self.model.item_logits(history, self.item_codes_t[cand], cand)
+        return logits - torch.log(self.sample_q[cand])
+
     def losses(self, batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """All loss terms of one batch; ``total`` is what gets back-propagated."""
         t = self.cfg.train
@@ -228,22 +263,40 @@ class Trainer:
         use_robust = t.robust and t.alpha > 0
         want_attn = use_robust and t.robust_attn_weight > 0
         with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=t.bf16):
-            clean = net(batch.codes, batch.item_mask, return_attn=want_attn, user_buckets=users)
-            out = {"next": next_item_loss(clean.logits, batch.target_codes, valid)}
+            clean = net(
+                batch.codes, batch.item_mask, return_attn=want_attn, user_buckets=users, items=batch.items
+            )
+            cand, labels = self._scored_items(batch, gen)
+            history = clean.history[valid]  # [P,D]
+            logits = self._item_logits(history, cand)  # [P,C]
+            out = {"next": item_loss(logits, labels)}
             total = out["next"]
+            if t.code_loss_weight > 0:
+                out["code"] = next_item_loss(clean.logits, batch.target_codes, valid)
+                total = total + t.code_loss_weight * out["code"]
             if use_robust:
                 p = perturb_history(
-                    batch.codes, batch.item_mask, self.item_codes_t, self.model.mask_code,
+                    batch.codes, batch.items, batch.item_mask, self.item_codes_t, self.model.mask_code,
                     t.perturb_rate, t.perturb_ops, gen,
                 )  # fmt: skip
-                pert = net(p.codes, p.item_mask, return_attn=want_attn, user_buckets=users)
-                pred, attn = robust_loss(clean, pert, p.kept & valid, t.robust_attn_weight)
+                pert = net(p.codes, p.item_mask, return_attn=want_attn, user_buckets=users, items=p.items)
+                kept = p.kept & valid
+                # the prediction term compares the two next-item distributions over a candidate set
+                # (the batch's targets + sampled items, as the sampled softmax): over the whole catalog
+                # it cost more than the rest of the step (docs/benchmarks.md, training speed)
+                if cand is None:
+                    robust_cand, _ = self._sampled_items(batch.target_items[valid], gen)
+                    clean_kept = self._item_logits(history[kept[valid]], robust_cand)
+                else:
+                    robust_cand, clean_kept = cand, logits[kept[valid]]
+                pert_logits = self._item_logits(pert.history[kept], robust_cand)
+                pred, attn = robust_loss(clean_kept, pert_logits, clean, pert, kept, t.robust_attn_weight)
                 out["robust"] = pred + t.robust_attn_weight * attn
                 out["robust_attn"] = attn
                 total = total + t.alpha * out["robust"]
             if t.mi and t.beta > 0:
                 out["mi"] = mutual_info_loss(
-                    self.model, clean.history, batch.target_codes, batch.target_items, valid, t.tau
+                    self.model, history, batch.target_items[valid], self.item_codes_t
                 )
                 total = total + t.beta * out["mi"]
         out["loss"] = total
@@ -256,6 +309,7 @@ class Trainer:
             self.table,
             self.trie,
             histories,
+            search_mode=self.cfg.train.eval_search,
             beam_size=self.cfg.train.eval_beam,
             k=10,
             device=self.device,

@@ -115,19 +115,86 @@ def test_model_fast_and_plain_paths_agree_and_outputs_have_contract_shapes(atten
     assert len(plain.attn) == 2 and plain.attn[0].shape == (3, 2, 20, 20)
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(fast.logits).all()
-    lp = model.next_item_log_probs(codes, mask)
-    assert lp.shape == (3, 4, 16) and lp.dtype == torch.float32
-    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3, 4))
-    torch.testing.assert_close(lp, torch.log_softmax(plain.logits[:, -1], -1))
+    code_scores, query = model.next_item_scores(codes, _items(mask), mask)
+    assert code_scores.shape == (3, 4, 16) and code_scores.dtype == torch.float32
+    assert query.shape == (3, 32) and query.dtype == torch.float32
+    torch.testing.assert_close(code_scores, plain.logits[:, -1])
 
 
-def test_left_padding_does_not_change_the_prediction():
-    torch.manual_seed(0)
-    model = FAIR(FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)).eval()
+def _items(mask: torch.Tensor, num_items: int = 40, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, num_items, mask.shape, generator=g)
+    return torch.where(mask, items, torch.full_like(items, -1))
+
+
+def _id_model(seed: int = 0, num_items: int = 40) -> FAIR:
+    torch.manual_seed(seed)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, num_items=num_items)
+    return FAIR(cfg).eval()
+
+
+@pytest.mark.parametrize("item_ids", [True, False])
+def test_left_padding_does_not_change_the_prediction(item_ids):
+    model = _id_model() if item_ids else FAIR(FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2))
+    model.eval()
     codes, mask = _inputs()
-    short = model.next_item_log_probs(codes[:1, 3:], mask[:1, 3:])  # the same history without padding
-    padded = model.next_item_log_probs(codes[:1], mask[:1])
-    torch.testing.assert_close(short, padded, atol=1e-5, rtol=1e-5)
+    items = _items(mask)
+    short = model.next_item_scores(codes[:1, 3:], items[:1, 3:], mask[:1, 3:])  # without the padding
+    padded = model.next_item_scores(codes[:1], items[:1], mask[:1])
+    for a, b in zip(short, padded, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_item_logits_are_code_scores_plus_the_id_part_item_by_item():
+    """The one-matmul form of the item score equals its definition: sum over levels of the code
+    scores of the item's codes + query . id_vector + id_bias (reference form, item by item)."""
+    model = _id_model()
+    with torch.no_grad():
+        model.item_bias.normal_()
+        model.head_bias.normal_()
+    g = torch.Generator().manual_seed(2)
+    table = torch.randint(0, 16, (40, 4), generator=g)
+    history = torch.randn(5, 32, generator=g)
+    with torch.no_grad():
+        fast = model.item_logits(history, table)
+        code = model.head_logits(history)  # [5, L, V]
+        q = model.query(history)
+        for i in range(40):
+            want = sum(code[:, lvl, table[i, lvl]] for lvl in range(4))
+            want = want + q @ model.item_emb.weight[i] + model.item_bias[i]
+            torch.testing.assert_close(fast[:, i], want, atol=1e-4, rtol=1e-4)
+        subset = torch.tensor([3, 17, 5])
+        torch.testing.assert_close(model.item_logits(history, table[subset], subset), fast[:, subset])
+
+
+def test_untrained_items_have_no_id_part_in_input_or_score():
+    model = _id_model()
+    with torch.no_grad():
+        model.item_bias.normal_()
+        model.item_trained[7] = False
+    g = torch.Generator().manual_seed(3)
+    table = torch.randint(0, 16, (40, 4), generator=g)
+    history = torch.randn(4, 32, generator=g)
+    with torch.no_grad():
+        full = model.item_logits(history, table)
+        code_only = model.head_logits(history)[:, torch.arange(4), table[7]].sum(-1)
+        torch.testing.assert_close(full[:, 7], code_only, atol=1e-5, rtol=1e-5)
+        # as an input, an untrained item is the same as an unknown one (-1): codes only
+        codes, mask = _inputs()
+        items = _items(mask)
+        items[2, -1] = 7
+        unknown = items.clone()
+        unknown[2, -1] = -1
+        a = model.next_item_scores(codes, items, mask)
+        b = model.next_item_scores(codes, unknown, mask)
+        torch.testing.assert_close(a[0], b[0])
+
+
+def test_item_id_model_needs_items():
+    model = _id_model()
+    codes, mask = _inputs()
+    with pytest.raises(ValueError, match="items"):
+        model(codes, mask)
 
 
 def test_focused_model_reduces_to_standard_layer_when_lambda_is_zero():

@@ -10,8 +10,9 @@ TABLE = np.stack([np.arange(8) * 10, np.arange(8) * 10 + 1], axis=1)
 
 
 def test_left_padded_with_newest_item_last():
-    codes, mask = histories_to_inputs([np.array([3, 5]), [1, 2, 4]], TABLE, max_history=10)
-    assert codes.dtype == np.int64 and mask.dtype == bool
+    codes, items, mask = histories_to_inputs([np.array([3, 5]), [1, 2, 4]], TABLE, max_history=10)
+    assert codes.dtype == np.int64 and items.dtype == np.int64 and mask.dtype == bool
+    assert items.tolist() == [[-1, 3, 5], [1, 2, 4]]
     assert codes.shape == (2, 3, 2) and mask.shape == (2, 3)
     assert mask.tolist() == [[False, True, True], [True, True, True]]
     assert codes[0].tolist() == [[0, 0], [30, 31], [50, 51]]
@@ -19,16 +20,16 @@ def test_left_padded_with_newest_item_last():
 
 
 def test_truncates_to_the_most_recent_items():
-    codes, mask = histories_to_inputs([np.arange(8), np.array([6])], TABLE, max_history=3)
-    assert codes.shape == (2, 3, 2)
+    codes, items, mask = histories_to_inputs([np.arange(8), np.array([6])], TABLE, max_history=3)
+    assert codes.shape == (2, 3, 2) and items.tolist() == [[5, 6, 7], [-1, -1, 6]]
     assert codes[0, :, 0].tolist() == [50, 60, 70]
     assert mask[1].tolist() == [False, False, True] and codes[1, 2, 0] == 60
 
 
 def test_empty_histories_give_one_padding_row():
-    codes, mask = histories_to_inputs([np.array([], dtype=np.int64), []], TABLE, max_history=5)
-    assert codes.shape == (2, 1, 2) and not mask.any() and not codes.any()
-    codes, mask = histories_to_inputs([[], [2]], TABLE, max_history=5)
+    codes, items, mask = histories_to_inputs([np.array([], dtype=np.int64), []], TABLE, max_history=5)
+    assert codes.shape == (2, 1, 2) and not mask.any() and not codes.any() and (items == -1).all()
+    codes, _, mask = histories_to_inputs([[], [2]], TABLE, max_history=5)
     assert mask.tolist() == [[False], [True]] and codes[1, 0].tolist() == [20, 21]
 
 

@@ -1,0 +1,194 @@
+"""Item scores from the network's outputs, and the two searches the service and fair-eval rank with.
+
+numpy only (the service imports it). The network gives, per user, ``code_scores`` ``[L, V]`` (one score
+per code of each level) and ``query`` ``[D]``. Item ``i`` scores
+
+    score(i) = sum_l code_scores[l, code_l(i)] + query . vectors[i] + bias[i]
+
+(``vectors``/``bias``: the item-ID part, absent for models without item IDs, zero for items that had no
+trained ID embedding). This is exactly the logit the item softmax of training optimises
+(``FAIR.item_logits``), so what is served is what was trained.
+
+Two searches, chosen per catalog size (docs/model.md has the measurements):
+
+* ``exact``: score every item (L gathers + one ``[B, D] x [D, I]`` product per batch), drop the
+  excluded ones, take the top k. The reference, and the served search up to ~10^5 items.
+* ``beam``: the constrained beam over semantic-ID prefixes (``model.search.beam``) on the code part
+  proposes ``candidates`` items per user, which are then rescored with the full score. The beam never
+  sees the ID part, so it needs width; use it where scoring the whole catalog costs too much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.search.beam import ExcludeArg, SearchResult, constrained_beam_search
+from model.semantic_ids.trie import CodeTrie
+
+SEARCH_MODES = ("exact", "beam")
+
+
+@dataclass(frozen=True)
+class ItemScorer:
+    """The catalog side of the item score: codes ``[I, L]`` and, for item-ID models, ``vectors``
+    ``[I, D]`` float32 and ``bias`` ``[I]`` float32."""
+
+    codes: np.ndarray
+    vectors: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.codes.ndim != 2:
+            raise ValueError(f"codes must be [items, L], got shape {self.codes.shape}")
+        if (self.vectors is None) != (self.bias is None):
+            raise ValueError("item vectors and bias come together (both or neither)")
+        if self.vectors is not None:
+            n = self.codes.shape[0]
+            if self.vectors.ndim != 2 or self.vectors.shape[0] != n or self.bias.shape != (n,):
+                raise ValueError(
+                    f"item vectors {self.vectors.shape} / bias {self.bias.shape} do not match {n} items"
+                )
+
+    @property
+    def num_items(self) -> int:
+        return int(self.codes.shape[0])
+
+    def _check(self, code_scores: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cs = np.asarray(code_scores, dtype=np.float32)
+        q = np.asarray(query, dtype=np.float32)
+        L = self.codes.shape[1]
+        if cs.ndim != 3 or cs.shape[1] != L:
+            raise ValueError(f"code_scores must be [B, L={L}, V], got shape {cs.shape}")
+        if q.ndim != 2 or q.shape[0] != cs.shape[0]:
+            raise ValueError(f"query must be [B={cs.shape[0]}, D], got shape {q.shape}")
+        if self.vectors is not None and q.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"query width {q.shape[1]} != item vector width {self.vectors.shape[1]}")
+        if np.isnan(cs).any() or np.isnan(q).any():
+            raise ValueError("code_scores or query contain NaN")
+        return cs, q
+
+    def all_scores(self, code_scores: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """``[B, I]`` float32 scores of every catalog item."""
+        cs, q = self._check(code_scores, query)
+        L, V = cs.shape[1], cs.shape[2]
+        flat = cs.reshape(cs.shape[0], L * V)
+        scores = np.take(flat, self.codes[:, 0], axis=1)
+        for level in range(1, L):
+            scores += np.take(flat, self.codes[:, level] + level * V, axis=1)
+        if self.vectors is not None:
+            scores += q @ self.vectors.T
+            scores += self.bias
+        return scores
+
+    def scores_of(self, code_scores: np.ndarray, query: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``[B, C]`` float32 scores of the items ``items`` ``[B, C]`` (-1 = none: scored -inf)."""
+        cs, q = self._check(code_scores, query)
+        items = np.asarray(items, dtype=np.int64)
+        L, V = cs.shape[1], cs.shape[2]
+        safe = np.maximum(items, 0)
+        codes = self.codes[safe]  # [B,C,L]
+        rows = np.arange(cs.shape[0])[:, None, None]
+        scores = cs.reshape(cs.shape[0], L * V)[rows, codes + np.arange(L) * V].sum(-1)  # [B,C]
+        if self.vectors is not None:
+            scores += np.einsum("bd,bcd->bc", q, self.vectors[safe]) + self.bias[safe]
+        return np.where(items >= 0, scores, -np.inf).astype(np.float32)
+
+
+def _exclude_mask_rows(exclude: ExcludeArg, batch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, items) of every excluded pair, validated."""
+    if exclude is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(exclude) != batch:
+        raise ValueError(f"exclude must have one entry per user ({batch}), got {len(exclude)}")
+    rows, cols = [], []
+    for user, items in enumerate(exclude):
+        if items is None:
+            continue
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if items.size and (items.min() < 0 or items.max() >= num_items):
+            raise ValueError(f"exclude[{user}] holds item indices outside the catalog [0, {num_items})")
+        rows.append(np.full(items.size, user, dtype=np.int64))
+        cols.append(items)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def top_k(scores: np.ndarray, k: int) -> SearchResult:
+    """Best ``k`` of each row of ``scores`` ``[B, C]`` (``-inf`` = not a candidate), best first; ties go
+    to the lower column. Padded with -1 / -inf when a row has fewer than k finite scores."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    batch, width = scores.shape
+    kk = min(k, width)
+    if kk < width:
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    else:
+        part = np.broadcast_to(np.arange(width), (batch, width))
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    best = np.take_along_axis(part_scores, order, axis=1)
+    items = np.full((batch, k), -1, dtype=np.int64)
+    out = np.full((batch, k), -np.inf, dtype=np.float32)
+    real = np.isfinite(best)
+    items[:, :kk] = np.where(real, idx, -1)
+    out[:, :kk] = np.where(real, best, -np.inf)
+    return SearchResult(items=items, scores=out)
+
+
+def exact_search(
+    scorer: ItemScorer, code_scores: np.ndarray, query: np.ndarray, k: int, exclude: ExcludeArg = None
+) -> SearchResult:
+    """Top-k by the full score over the whole catalog, excluded items removed."""
+    scores = scorer.all_scores(code_scores, query)
+    rows, cols = _exclude_mask_rows(exclude, scores.shape[0], scorer.num_items)
+    scores[rows, cols] = -np.inf
+    return top_k(scores, k)
+
+
+def beam_search(
+    scorer: ItemScorer,
+    trie: CodeTrie,
+    code_scores: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    candidates: int,
+    exclude: ExcludeArg = None,
+) -> SearchResult:
+    """The constrained beam over the code part proposes ``candidates`` items (beam width =
+    ``candidates``), which are rescored with the full score; top-k of those."""
+    if candidates < k:
+        raise ValueError(f"candidates ({candidates}) must be >= k ({k})")
+    cs, q = scorer._check(code_scores, query)
+    proposed = constrained_beam_search(cs, trie, beam_size=candidates, k=candidates, exclude=exclude)
+    return _rescored(scorer, cs, q, proposed.items, k)
+
+
+def _rescored(scorer: ItemScorer, cs: np.ndarray, q: np.ndarray, items: np.ndarray, k: int) -> SearchResult:
+    scores = scorer.scores_of(cs, q, items)
+    best = top_k(scores, k)
+    picked = np.where(best.items >= 0, np.take_along_axis(items, np.maximum(best.items, 0), axis=1), -1)
+    return SearchResult(items=picked, scores=best.scores)
+
+
+def search(
+    scorer: ItemScorer,
+    trie: CodeTrie,
+    code_scores: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    mode: str = "exact",
+    candidates: int = 200,
+    exclude: Sequence[np.ndarray | None] | None = None,
+) -> SearchResult:
+    """The one entry point of fair-eval, export checks and the service: ``mode`` is ``exact`` or
+    ``beam`` (beam over prefixes for ``candidates`` items, then exact rescoring)."""
+    if mode == "exact":
+        return exact_search(scorer, code_scores, query, k, exclude)
+    if mode == "beam":
+        return beam_search(scorer, trie, code_scores, query, k, candidates, exclude)
+    raise ValueError(f"search mode must be one of {SEARCH_MODES}, got {mode!r}")
