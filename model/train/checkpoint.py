@@ -88,11 +88,8 @@ def load_model(
     model = FAIR(FAIRConfig.from_dict(ckpt["model_config"]))
     # the projection heads of the first L_mi form (training only) are not part of the network any more
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith(OBSOLETE_PREFIXES)}
-    missing = [k for k in model.state_dict() if k not in state and k != "mi_log_scale"]
-    if "mi_log_scale" not in state:
+    if "mi_log_scale" not in state and "head_proj" in state:  # written before L_mi had a temperature
         state["mi_log_scale"] = model.mi_log_scale.detach().clone()
-    if missing:
-        raise CheckpointError(f"{path}: weights lack {missing[:5]} for this model config")
     model.load_state_dict(state)
     model.to(map_location).eval()
     return model, ckpt

@@ -21,11 +21,13 @@ from export.bundle import (
     list_versions,
     load_bundle,
     resolve_bundle,
+    save_item_scores,
     save_trie,
     utc_now,
     verify_checksums,
     write_bundle,
 )
+from model.search.scoring import ItemScorer
 from model.semantic_ids.trie import CodeTrie
 
 
@@ -36,9 +38,13 @@ def parts(tmp_path):
     table.save(tmp_path / "sid.npz")
     save_trie(CodeTrie.from_codes(table.codes, table.codebook_size), tmp_path / "trie.npz")
     np.save(tmp_path / "pop.npy", np.array([3, 1, 2], dtype=np.int64))
+    n = table.num_items
+    scorer = ItemScorer(table.codes, np.ones((n, 4), np.float32), np.zeros(n, np.float32))
+    save_item_scores(scorer, np.ones(n, dtype=bool), tmp_path / "scores.npz")
     files = {
         "model.onnx": b"not really onnx",
         "semantic_ids.npz": tmp_path / "sid.npz",
+        "item_scores.npz": tmp_path / "scores.npz",
         "trie.npz": tmp_path / "trie.npz",
         "popular.npy": tmp_path / "pop.npy",
     }
@@ -56,6 +62,7 @@ def parts(tmp_path):
         "opset": 18,
         "inputs": [],
         "outputs": [],
+        "search": {"mode": "exact", "candidates": 200},
         "metrics": {},
         "verification": {},
         "exporter": {"name": "test"},

@@ -17,8 +17,8 @@ from export.cli import main
 from export.onnx_export import FOCUSED_ATTENTION, attention_units
 from export.quantize import convert_fp16
 from export.verify import check_graph
-from model.search.beam import constrained_beam_search
-from model.search.inputs import histories_to_inputs
+from model.search.inputs import INPUT_NAMES, histories_to_inputs
+from model.search.scoring import search
 from model.train.checkpoint import load_model
 
 
@@ -32,15 +32,28 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
         histories = [
             rng.choice(bundle.table.num_items, size=int(rng.integers(1, longest + 1))) for _ in range(batch)
         ]
-        codes, mask = histories_to_inputs(histories, bundle.table.codes, max_history=longest)
-        (got,) = session.run(None, {"codes": codes, "item_mask": mask})
+        inputs = histories_to_inputs(histories, bundle.table.codes, max_history=longest)
+        got = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
         with torch.no_grad():
-            want = model.next_item_log_probs(torch.from_numpy(codes), torch.from_numpy(mask)).numpy()
-        assert got.shape == (batch, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"])
-        assert np.abs(got - want).max() <= 1e-4
-        top_got = constrained_beam_search(got, bundle.trie, beam_size=20, k=10, exclude=histories).items
-        top_want = constrained_beam_search(want, bundle.trie, beam_size=20, k=10, exclude=histories).items
+            want = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
+        assert got[0].shape == (batch, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"])
+        assert got[1].shape == (batch, TINY_CONFIG["d_model"])
+        assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) <= 1e-4
+        top_got = search(bundle.scorer, bundle.trie, *got, k=10, exclude=histories).items
+        top_want = search(bundle.scorer, bundle.trie, *want, k=10, exclude=histories).items
         assert (top_got == top_want).all(axis=1).mean() >= 0.99
+        # the bundle's item table is the model's: same full scores as the PyTorch item logits
+        with torch.no_grad():
+            logits = model.item_logits(
+                model(*(torch.from_numpy(inputs[i]) for i in (0, 2)), items=torch.from_numpy(inputs[1]),
+                      plain=True).history[:, -1],
+                torch.from_numpy(bundle.table.codes),
+            ).numpy()  # fmt: skip
+        np.testing.assert_allclose(bundle.scorer.all_scores(*got), logits, atol=1e-3, rtol=1e-4)
+    trained = bundle.trained
+    assert trained.sum() == bundle.manifest["item_ids"]["trained_items"] == TINY_CONFIG["num_items"] - 18
+    assert (bundle.scorer.vectors[~trained] == 0).all() and (bundle.scorer.bias[~trained] == 0).all()
+    assert bundle.manifest["search"] == {"mode": "exact", "candidates": 200}
 
     v = bundle.manifest["verification"]["fp32"]
     assert v["users"] == 256 and v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
@@ -53,11 +66,12 @@ def test_manifest_describes_the_graph(tiny_bundle):
     assert (
         [i.name for i in proto.graph.input]
         == [i["name"] for i in manifest["inputs"]]
-        == ["codes", "item_mask"]
+        == ["codes", "items", "item_mask"]
     )
-    assert [o.name for o in proto.graph.output] == ["log_probs"]
+    assert [o.name for o in proto.graph.output] == [o["name"] for o in manifest["outputs"]]
+    assert [o.name for o in proto.graph.output] == ["code_scores", "query"]
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
-    assert dims == [["batch", "items", 3], ["batch", "items"]]
+    assert dims == [["batch", "items", 3], ["batch", "items"], ["batch", "items"]]
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
     assert manifest["model_config"]["n_layers"] == TINY_CONFIG["n_layers"]
 
@@ -104,8 +118,8 @@ def test_int8_export_runs_and_records_its_own_offline_metrics(tiny_run, tmp_path
     assert offline["precision"] == "int8" and offline["users"] == 60 and offline["invalid_rate"] == 0.0
     assert 0.0 <= offline["ndcg@10"] <= offline["recall@10"] <= 1.0
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    codes, mask = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
-    assert session.run(None, {"codes": codes, "item_mask": mask})[0].shape == (2, 3, 16)
+    inputs = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
+    assert session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))[0].shape == (2, 3, 16)
 
 
 def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
@@ -114,7 +128,7 @@ def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
     rc = main(["--run", str(tiny_run), "--out", str(out), "--quantize", "int8", "--max-abs-diff", "1e-5"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "error: int8: parity: max |log_probs onnx - torch|" in err and "> 1e-05" in err
+    assert "error: int8: parity: max |scores onnx - torch|" in err and "> 1e-05" in err
     assert not out.exists()
 
 
@@ -186,15 +200,12 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
 
 def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
     half = convert_fp16(tiny_bundle / "model.onnx", tmp_path / "model.fp16.onnx")
-    assert (
-        check_graph(half, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"], TINY_CONFIG["n_layers"])
-        == []
-    )
+    cfg = TINY_CONFIG
+    assert check_graph(half, cfg["num_levels"], cfg["codebook_size"], cfg["n_layers"], cfg["d_model"]) == []
     table = load_bundle(tiny_bundle).table
-    codes, mask = histories_to_inputs([[5, 6, 7], [8]], table.codes, 6)
-    feeds = {"codes": codes, "item_mask": mask}
-    (fp16_out,) = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
-    (fp32_out,) = ort.InferenceSession(
+    feeds = dict(zip(INPUT_NAMES, histories_to_inputs([[5, 6, 7], [8]], table.codes, 6), strict=True))
+    fp16_out, _ = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
+    fp32_out, _ = ort.InferenceSession(
         str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
     ).run(None, feeds)
     assert fp16_out.dtype == np.float32 and fp16_out.shape == fp32_out.shape
@@ -205,7 +216,7 @@ def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
     "extra, message",
     [
         (["--users", "0"], "--users: must be a positive integer, got 0"),
-        (["--beam", "-3"], "--beam: must be a positive integer, got -3"),
+        (["--candidates", "-3"], "--candidates: must be a positive integer, got -3"),
         (["--version", "0"], "--version: must be a positive integer, got 0"),
         (["--name", "../elsewhere"], "--name: '../elsewhere': must be a plain directory name"),
         (["--name", ""], "--name: '': must be a plain directory name"),

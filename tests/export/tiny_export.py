@@ -18,10 +18,11 @@ from model.fair import FAIR, FAIRConfig
 from model.semantic_ids.table import SemanticIdTable
 from model.train.checkpoint import save_checkpoint, untrained_checkpoint
 
-TINY_CONFIG = dict(
-    num_levels=3, codebook_size=16, max_items=8, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2, dropout=0.0
-)
 TINY_ITEMS = 120
+TINY_CONFIG = dict(
+    num_levels=3, codebook_size=16, max_items=8, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2, dropout=0.0,
+    num_items=TINY_ITEMS,
+)  # fmt: skip
 TINY_MAX_HISTORY = 6
 
 
@@ -43,8 +44,11 @@ def build_tiny_run(run_dir: Path, seed: int = 0, **config_overrides) -> Path:
     model = FAIR(cfg)
     with (
         torch.no_grad()
-    ):  # peaked, untied code distributions, as a trained model has (no near-ties in top-10)
+    ):  # peaked, untied scores, as a trained model has (no near-ties in top-10)
         model.head_bias.normal_(0.0, 2.0)
+        if model.item_bias is not None:
+            model.item_bias.normal_(0.0, 2.0)
+            model.item_trained[::7] = False  # some items without a trained ID embedding
     table = tiny_table(seed=seed)
     table.save(run_dir / "semantic_ids.npz")
     np.save(run_dir / "popular.npy", np.arange(table.num_items, dtype=np.int64)[::-1].copy())
