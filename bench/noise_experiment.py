@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
-    p.add_argument("--beam", type=int, default=20)
+    p.add_argument(
+        "--search", choices=["exact", "beam"], default="exact", help="the served search (default exact)"
+    )
+    p.add_argument("--beam", type=int, default=200, help="beam candidates with --search beam (default 200)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--device", default="cpu")
@@ -60,6 +63,7 @@ def run_one(run_dir: Path, args: argparse.Namespace) -> list[dict]:
             histories,
             split.targets,
             user_ids=users,
+            search_mode=args.search,
             beam_size=args.beam,
             batch_size=args.batch_size,
             device=args.device,
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = noise_markdown(rows)
     footer = (
-        f"\n\n{args.split} split of {args.data}, {rows[0]['users']} users, beam {args.beam}, "
+        f"\n\n{args.split} split of {args.data}, {rows[0]['users']} users, search {args.search if args.search == 'exact' else f'beam {args.beam}'}, "
         f"noise seed {args.seed}, {time.perf_counter() - start:.0f} s"
     )
     print(table + footer)

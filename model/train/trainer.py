@@ -111,9 +111,13 @@ class Trainer:
         self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
+        # Items without a training interaction are not in the training catalog: never a negative of the
+        # softmax (else their codes' scores are pushed down for being absent, and an item that arrives
+        # after training could never be recommended), and never sampled.
+        self.untrained_t = torch.from_numpy(~self.trained).to(device)
         # sampled softmax: negatives drawn from the training popularity (smoothed), corrected by log Q
         counts = np.bincount(np.concatenate(self.windows.seq), minlength=table.num_items).astype(np.float64)
-        q = (counts + 1.0) ** 0.75
+        q = np.where(self.trained, (counts + 1.0) ** 0.75, 0.0)
         self.sample_q = torch.from_numpy(q / q.sum()).float().to(device)
         self.ddp = (
             DistributedDataParallel(
@@ -246,7 +250,8 @@ class Trainer:
     def _item_logits(self, history: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
         """Scores of the candidates (the catalog when ``cand`` is None), -log Q corrected if sampled."""
         if cand is None:
-            return self.model.item_logits(history, self.item_codes_t)
+            logits = self.model.item_logits(history, self.item_codes_t)
+            return logits.masked_fill(self.untrained_t, float("-inf")) if self.untrained_t.any() else logits
         logits = self.model.item_logits(history, self.item_codes_t[cand], cand)
         return logits - torch.log(self.sample_q[cand])
 

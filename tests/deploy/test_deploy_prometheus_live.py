@@ -209,6 +209,7 @@ def prometheus(prometheus_bin, demo, load, tmp_path_factory):
     api = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=api, timeout=5) as client:
+            wait_ready(client, proc, tmp / "prometheus.log")
             # enough scrapes of live traffic that rate() windows over RATE_INTERVAL hold several samples
             deadline = time.monotonic() + 60
             while True:
@@ -229,9 +230,27 @@ def prometheus(prometheus_bin, demo, load, tmp_path_factory):
         log.close()
 
 
+def wait_ready(client: httpx.Client, proc: subprocess.Popen, log: Path, seconds: float = 60) -> None:
+    """Until ``/-/ready`` answers 200: a Prometheus that listens but is still starting answers 503 in
+    plain text to every query (on a fresh machine that was most first queries)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if client.get("/-/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"Prometheus not ready after {seconds:.0f} s:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
 def query(client: httpx.Client, expr: str) -> list[dict]:
     resp = client.get("/api/v1/query", params={"query": expr})
-    payload = resp.json()
+    try:
+        payload = resp.json()
+    except ValueError:  # e.g. "503 Service Unavailable" in plain text while Prometheus starts
+        raise AssertionError(f"{expr}: Prometheus answered {resp.status_code} {resp.text[:200]!r}") from None
     assert resp.status_code == 200 and payload["status"] == "success", f"{expr}: {payload}"
     return payload["data"]["result"]
 

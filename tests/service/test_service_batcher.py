@@ -59,8 +59,8 @@ def test_full_queue_refuses_and_close_drains(engine):
     assert all(f.done() and not f.cancelled() and f.exception() is None for f in accepted)
 
 
-def test_a_user_with_unusable_log_probs_fails_alone(engine):
-    """NaN log-probs for one user (a broken export, an input the model cannot handle) must fail that
+def test_a_user_with_unusable_scores_fails_alone(engine):
+    """NaN scores for one user (a broken export, an input the model cannot handle) must fail that
     user's request only; the others batched with it still get the answer they would get alone."""
     poisoned = {"u3"}
 
@@ -68,11 +68,11 @@ def test_a_user_with_unusable_log_probs_fails_alone(engine):
         """The real engine (ONNX Runtime), with NaN written into the poisoned users' rows."""
 
         def forward(self, histories):
-            log_probs = super().forward(histories)
+            scores = super().forward(histories)
             for row, job in enumerate(self.current_jobs):
                 if job.user_id in poisoned:
-                    log_probs[row, 0, 0] = np.nan
-            return log_probs
+                    scores.code_scores[row, 0, 0] = np.nan
+            return scores
 
     faulty = NaNForSomeUsers(engine.bundle, engine.session, engine.provider, engine.max_history)
 
