@@ -42,9 +42,7 @@ def build_tiny_run(run_dir: Path, seed: int = 0, **config_overrides) -> Path:
     torch.manual_seed(seed)
     cfg = FAIRConfig(**{**TINY_CONFIG, **config_overrides})
     model = FAIR(cfg)
-    with (
-        torch.no_grad()
-    ):  # peaked, untied scores, as a trained model has (no near-ties in top-10)
+    with torch.no_grad():  # peaked, untied scores, as a trained model has (no near-ties in top-10)
         model.head_bias.normal_(0.0, 2.0)
         if model.item_bias is not None:
             model.item_bias.normal_(0.0, 2.0)
