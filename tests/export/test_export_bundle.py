@@ -201,3 +201,34 @@ def test_concurrent_exports_never_share_a_version(tmp_path, parts, monkeypatch):
         assert json.loads((p / "manifest.json").read_text())["version"] == int(p.name)
         assert verify_checksums(p) == []
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(str(v) for v in range(1, writers + 1))
+
+
+def test_a_schema_1_bundle_is_refused_with_a_message_to_re_export(tmp_path, parts):
+    """Schema 1 bundles output per-level log-probs and carry no item_scores.npz: this version does not
+    serve them, and says what to do instead of failing later on a missing output."""
+    files, manifest, _ = parts
+    path = write_bundle(tmp_path / "m", manifest, files)
+    stored = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**stored, "schema_version": 1}))
+    with pytest.raises(BundleError, match="schema 1 bundle .* re-export its checkpoint with fair-export"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize(
+    "search", [{"mode": "greedy", "candidates": 10}, {"mode": "beam", "candidates": 0}, "exact"]
+)
+def test_a_manifest_with_a_bad_search_field_is_refused(tmp_path, parts, search):
+    files, manifest, _ = parts
+    path = write_bundle(tmp_path / "m", {**manifest, "search": search}, files)
+    with pytest.raises(BundleError, match="field 'search'"):
+        load_bundle(path, verify=False)
+
+
+def test_item_scores_that_do_not_fit_the_catalog_are_refused(tmp_path, parts):
+    files, manifest, table = parts
+    n = table.num_items
+    bad = ItemScorer(table.codes[:-1], np.ones((n - 1, 4), np.float32), np.zeros(n - 1, np.float32))
+    save_item_scores(bad, np.ones(n - 1, dtype=bool), tmp_path / "short.npz")
+    path = write_bundle(tmp_path / "m", manifest, {**files, "item_scores.npz": tmp_path / "short.npz"})
+    with pytest.raises(BundleError, match=f"do not fit {n} catalog items"):
+        load_bundle(path)

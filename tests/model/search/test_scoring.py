@@ -1,0 +1,93 @@
+"""Item scores and the served searches (exact, beam + rescoring) against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.search.scoring import ItemScorer, exact_search, search, top_k
+from model.semantic_ids.trie import CodeTrie
+
+
+def _catalog(seed=0, items=300, levels=3, vocab=8, dim=5, with_ids=True):
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(vocab**levels, size=items, replace=False)
+    codes = np.stack([(flat // vocab**i) % vocab for i in reversed(range(levels))], axis=1)
+    vectors = rng.standard_normal((items, dim)).astype(np.float32) if with_ids else None
+    bias = rng.standard_normal(items).astype(np.float32) if with_ids else None
+    return ItemScorer(codes, vectors, bias), CodeTrie.from_codes(codes, vocab), rng
+
+
+def _outputs(rng, batch=6, levels=3, vocab=8, dim=5):
+    cs = rng.standard_normal((batch, levels, vocab)).astype(np.float32) * 2
+    return cs, rng.standard_normal((batch, dim)).astype(np.float32)
+
+
+def _brute(scorer, cs, q):
+    out = np.zeros((cs.shape[0], scorer.num_items))
+    for b in range(cs.shape[0]):
+        for i, c in enumerate(scorer.codes):
+            out[b, i] = sum(cs[b, lvl, c[lvl]] for lvl in range(len(c)))
+            if scorer.vectors is not None:
+                out[b, i] += q[b] @ scorer.vectors[i] + scorer.bias[i]
+    return out
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_scores_are_the_definition(with_ids):
+    scorer, _, rng = _catalog(with_ids=with_ids)
+    cs, q = _outputs(rng)
+    want = _brute(scorer, cs, q)
+    np.testing.assert_allclose(scorer.all_scores(cs, q), want, rtol=1e-5, atol=1e-5)
+    items = rng.integers(-1, scorer.num_items, (6, 9))
+    got = scorer.scores_of(cs, q, items)
+    real = items >= 0
+    np.testing.assert_allclose(got[real], np.take_along_axis(want, np.maximum(items, 0), 1)[real], rtol=1e-5)
+    assert np.isneginf(got[~real]).all()
+
+
+def test_exact_search_is_brute_force_top_k_without_excluded_items():
+    scorer, _, rng = _catalog(seed=1)
+    cs, q = _outputs(rng)
+    exclude = [rng.choice(300, 20, replace=False) for _ in range(5)] + [None]
+    result = exact_search(scorer, cs, q, k=10, exclude=exclude)
+    brute = _brute(scorer, cs, q)
+    for b in range(6):
+        if exclude[b] is not None:
+            brute[b, exclude[b]] = -np.inf
+        want = np.argsort(-brute[b], kind="stable")[:10]
+        assert result.items[b].tolist() == want.tolist()
+        np.testing.assert_allclose(result.scores[b], brute[b, want], rtol=1e-5)
+
+
+def test_beam_with_room_for_every_item_equals_exact_and_narrow_beams_stay_valid():
+    scorer, trie, rng = _catalog(seed=2)
+    cs, q = _outputs(rng)
+    exclude = [rng.choice(300, 30, replace=False) for _ in range(6)]
+    exact = search(scorer, trie, cs, q, 10, "exact", exclude=exclude)
+    wide = search(scorer, trie, cs, q, 10, "beam", candidates=300, exclude=exclude)
+    assert (wide.items == exact.items).all()
+    narrow = search(scorer, trie, cs, q, 10, "beam", candidates=12, exclude=exclude)
+    for b in range(6):  # valid, distinct, not excluded, and ordered by the full score
+        got = narrow.items[b]
+        assert len(set(got.tolist())) == 10 and not np.isin(got, exclude[b]).any()
+        assert (np.diff(narrow.scores[b]) <= 0).all()
+
+
+def test_fewer_items_than_k_are_padded_and_bad_input_is_refused():
+    scorer, trie, rng = _catalog(items=12, seed=3)
+    cs, q = _outputs(rng, batch=2)
+    result = search(scorer, trie, cs, q, 15, "exact", exclude=[np.arange(5), None])
+    assert (result.items[0, 7:] == -1).all() and np.isneginf(result.scores[0, 7:]).all()
+    assert (result.items[1, :12] >= 0).all() and (result.items[1, 12:] == -1).all()
+    with pytest.raises(ValueError, match="search mode"):
+        search(scorer, trie, cs, q, 5, "greedy")
+    with pytest.raises(ValueError, match="NaN"):
+        scorer.all_scores(np.full_like(cs, np.nan), q)
+    with pytest.raises(ValueError, match="query width"):
+        scorer.all_scores(cs, q[:, :3])
+    with pytest.raises(ValueError, match="outside the catalog"):
+        exact_search(scorer, cs, q, 5, exclude=[np.array([12]), None])
+    with pytest.raises(ValueError, match="candidates"):
+        search(scorer, trie, cs, q, 10, "beam", candidates=5)
+    assert top_k(np.array([[1.0, 3.0, 3.0]]), 2).items.tolist() == [[1, 2]]  # ties: lower column first
