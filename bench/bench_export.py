@@ -6,7 +6,7 @@ does not depend on the weights. Measured:
 
 * export time of the fp32 bundle through ``export_bundle`` (trace + verification on 256 histories),
   and of the int8 quantization of that graph;
-* latency of ONE forward pass (codes -> log_probs, no beam search) at batch 1 and 32 with full
+* latency of ONE forward pass (inputs -> code_scores + query, no search) at batch 1 and 32 with full
   ``--history``-item histories: onnxruntime fp32, onnxruntime int8, PyTorch eager (the exported plain
   attention form and the SDPA form), each with 1 and 2 intra-op threads, median and p90 of
   ``--repeats`` runs after a warm-up.
@@ -47,7 +47,7 @@ from export.verify import (  # noqa: E402
     torch_fn,
 )
 from model.fair import FAIR, FAIRConfig  # noqa: E402
-from model.search.inputs import histories_to_inputs  # noqa: E402
+from model.search.inputs import INPUT_NAMES, histories_to_inputs  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
 from model.train.checkpoint import save_checkpoint  # noqa: E402
 
@@ -100,15 +100,15 @@ def latency_rows(fp32: Path, int8: Path, model: FAIR, table, history: int, repea
         }
         for batch in (1, 32):
             hist = [rng.choice(table.num_items, size=history, replace=False) for _ in range(batch)]
-            codes, mask = histories_to_inputs(hist, table.codes, history)
-            feeds = {"codes": codes, "item_mask": mask}
+            inputs = histories_to_inputs(hist, table.codes, history)
+            feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
             engines = {name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()}
-            tc, tm = torch.from_numpy(codes), torch.from_numpy(mask)
+            tc, ti, tm = (torch.from_numpy(a) for a in inputs)
 
-            def eager(plain: bool, tc=tc, tm=tm) -> None:
+            def eager(plain: bool, tc=tc, ti=ti, tm=tm) -> None:
                 with torch.inference_mode():
-                    logits = model(tc, tm, plain=plain).logits[:, -1]
-                    torch.log_softmax(logits.float(), dim=-1)
+                    out = model(tc, tm, plain=plain, items=ti)
+                    model.query(out.history[:, -1])
 
             engines["pytorch eager (plain attention)"] = lambda: eager(True)
             engines["pytorch eager (SDPA)"] = lambda: eager(False)

@@ -1,43 +1,71 @@
 #!/usr/bin/env bash
-# The Amazon quality table of docs/benchmarks.md: every run gets the same step budget (not a time
-# budget: on a shared machine a time budget gives runs unequal amounts of training).
-#   bash bench/quality_runs.sh beauty   # FAIR, standard attention, no L_robust, no L_mi on Beauty
-#   bash bench/quality_runs.sh sports   # FAIR and standard attention on Sports
-# Needs the semantic-ID tables runs/sid/{beauty,sports}_rqvae.npz (fair-sid build --method rqvae).
+# The Amazon quality table of docs/benchmarks.md, one command per row, from a fresh clone with ../shared
+# beside it: builds what it needs (the venv, the RQ-VAE semantic-ID table), trains from the shipped
+# config configs/amazon.toml with one step budget for every row (equal work, not equal time: the
+# machines are shared), evaluates the test split with fair-eval (the service's search) and prints the
+# test metrics JSON (fair-eval's keys) as its last line.
+#
+#   bash bench/quality_runs.sh beauty fair        # one row: the shipped FAIR configuration
+#   bash bench/quality_runs.sh beauty             # every Beauty row: fair standard no_robust no_mi
+#   bash bench/quality_runs.sh sports fair standard
+#
+# The semantic-ID table is built with one torch thread (bit-reproducible; what the table in the docs used).
+#
+# Environment: OUT (default runs/quality), STEPS (default: the config's max_steps), THREADS (torch
+# threads per run, default 2), SHARED (default ../shared/data/amazon).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-4000}
-THREADS=${THREADS:-1}
+
+usage() { echo "usage: $0 beauty|sports [fair|standard|no_robust|no_mi ...]" >&2; exit 2; }
+case "${1:-}" in
+  beauty) DATA=Beauty; DEFAULT_ROWS="fair standard no_robust no_mi" ;;
+  sports) DATA=Sports; DEFAULT_ROWS="fair standard" ;;
+  *) usage ;;
+esac
+DATASET=$1; shift
+ROWS=${*:-$DEFAULT_ROWS}
+THREADS=${THREADS:-2}
 SHARED=${SHARED:-../shared/data/amazon}
 OUT=${OUT:-runs/quality}
+CONFIG=configs/amazon.toml
+[ -d "$SHARED/$DATA" ] || { echo "$0: no $SHARED/$DATA (set SHARED=...)" >&2; exit 2; }
+for row in $ROWS; do
+  case $row in fair|standard|no_robust|no_mi) ;; *) echo "$0: unknown row '$row'" >&2; usage ;; esac
+done
+
+[ -x .venv/bin/python ] || make install >&2
 mkdir -p "$OUT"
+log() { echo "$(date +%T) $*" | tee -a "$OUT/runs.log" >&2; }
 
-run() { # name dataset extra-args...
-  local name=$1 data=$2; shift 2
-  local sid="runs/sid/$(echo "$data" | tr 'A-Z' 'a-z')_rqvae.npz"
-  rm -rf "$OUT/$name"
-  echo "$(date +%T) start $name" >> "$OUT/runs.log"
-  local t0=$SECONDS
-  .venv/bin/python -m model.train.cli --data "$SHARED/$data" --sid "$sid" --out "$OUT/$name" \
-    --config configs/cpu_small.toml --threads "$THREADS" --no-final-eval --quiet \
-    --set train.budget_minutes=0 --set train.max_steps="$STEPS" --set train.eval_every=500 "$@" \
-    > "$OUT/$name.out" 2>&1
-  echo "$(date +%T) end $name train_seconds=$((SECONDS - t0))" >> "$OUT/runs.log"
-  .venv/bin/python -m model.evaluate.cli --run "$OUT/$name" --data "$SHARED/$data" --split test --json \
-    > "$OUT/$name.test.txt" 2>&1
-  echo "$(date +%T) evaluated $name: $(tail -n 1 "$OUT/$name.test.txt")" >> "$OUT/runs.log"
-}
+SID="$OUT/sid/${DATASET}_rqvae.npz"
+if [ ! -f "$SID" ]; then
+  log "building the semantic-ID table $SID (MiniLM + RQ-VAE)"
+  t0=$SECONDS
+  .venv/bin/fair-sid build --data "$SHARED/$DATA" --out "$SID" --method rqvae --threads 1 --quiet >&2
+  log "semantic IDs built in $((SECONDS - t0)) s"
+fi
 
-case "${1:-}" in
-  beauty)
-    run beauty_fair Beauty
-    run beauty_standard Beauty --set model.attention=standard
-    run beauty_no_robust Beauty --set train.robust=false
-    run beauty_no_mi Beauty --set train.mi=false
-    ;;
-  sports)
-    run sports_fair Sports
-    run sports_standard Sports --set model.attention=standard
-    ;;
-  *) echo "usage: $0 beauty|sports" >&2; exit 2 ;;
-esac
+steps=()
+[ -n "${STEPS:-}" ] && steps=(--set "train.max_steps=$STEPS")
+
+for row in $ROWS; do
+  case $row in
+    fair) extra=() ;;
+    standard) extra=(--set model.attention=standard) ;;
+    no_robust) extra=(--set train.robust=false) ;;
+    no_mi) extra=(--set train.mi=false) ;;
+  esac
+  name="${DATASET}_${row}"
+  rm -rf "${OUT:?}/$name"
+  log "train $name (threads $THREADS ${STEPS:+steps $STEPS})"
+  t0=$SECONDS
+  .venv/bin/python -m model.train.cli --data "$SHARED/$DATA" --sid "$SID" --out "$OUT/$name" \
+    --config "$CONFIG" --threads "$THREADS" --no-final-eval --quiet "${steps[@]}" "${extra[@]}" \
+    > "$OUT/$name.out" 2>&1 || { tail -n 20 "$OUT/$name.out" >&2; exit 1; }
+  log "trained $name in $((SECONDS - t0)) s"
+  t0=$SECONDS
+  .venv/bin/python -m model.evaluate.cli --run "$OUT/$name" --data "$SHARED/$DATA" --split test --json \
+    > "$OUT/$name.test.txt" 2>&1 || { tail -n 20 "$OUT/$name.test.txt" >&2; exit 1; }
+  log "evaluated $name in $((SECONDS - t0)) s: $(tail -n 1 "$OUT/$name.test.txt")"
+done
+tail -n 1 "$OUT/$name.test.txt"

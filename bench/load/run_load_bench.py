@@ -1,7 +1,7 @@
 """Load benchmark of the recommendation service, driven by wrk (Debian package ``wrk``).
 
 In one run, on one machine:
-  1. in-process throughput of forward pass + constrained beam search per batch size (ONNX Runtime,
+  1. in-process throughput of forward pass + the bundle's search per batch size (ONNX Runtime,
      same thread settings as the service), the ceiling for inference;
   2. a no-op FastAPI endpoint (bench/load/noop_app.py) under wrk: the ceiling of the HTTP stack;
   3. the service (``fair-serve``, histories bulk-loaded into its embedded Redis): closed-loop wrk at
@@ -85,7 +85,7 @@ def wrk(url: str, path: str, users: Path, connections: int, seconds: float, inte
 def in_process(
     bundle: Path, histories: list[np.ndarray], batch_sizes, seconds: float, threads: int
 ) -> list[dict]:
-    """Forward pass + beam search per batch size, on random batches of the dataset's users.
+    """Forward pass + search per batch size, on random batches of the dataset's users.
 
     Every iteration takes the next of 256 pre-drawn batches, so the figure reflects the users the
     service gets: a batch is padded to its longest history, so one fixed batch per size (what an
@@ -110,16 +110,16 @@ def in_process(
         while time.perf_counter() < t_end or n < 3:
             batch = batches[n % len(batches)]
             t0 = time.perf_counter()
-            lp = engine.forward(batch)
+            scores = engine.forward(batch)
             t1 = time.perf_counter()
-            engine.search(lp, 20, 10, batch)
+            engine.search(scores, 20, 10, batch)
             t2 = time.perf_counter()
             fwd, beam, n = fwd + t1 - t0, beam + t2 - t1, n + 1
         rows.append(
             {
                 "batch": b,
                 "forward_ms": 1000 * fwd / n,
-                "beam_ms": 1000 * beam / n,
+                "search_ms": 1000 * beam / n,
                 "users_per_s": b * n / (fwd + beam),
             }
         )
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     split = dataset.eval_split("test")
     results: dict = {"machine": os.uname().machine, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
 
-    # 1. in-process forward + beam search
+    # 1. in-process forward + search
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     results["in_process"] = in_process(args.bundle, split.histories, sizes, 3.0, args.threads)
     best = max(results["in_process"], key=lambda r: r["users_per_s"])
