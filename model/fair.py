@@ -4,10 +4,12 @@ One readable file, nanoGPT style. Shapes in comments use
   B batch, N items per history (left-padded, newest item last), L codes per item, V codebook size,
   T = N * L code tokens (+1 when the hashed user token is on), D model width, H heads.
 
-Every item of the history contributes its L codes as L tokens. Token embedding =
-code embedding (one table per level, plus one MASK row per level for the code-masking perturbation)
-+ level embedding + item-position embedding, the position counted from the NEWEST item, so the
-newest item always has position 0 and left padding never shifts the real items.
+Every item of the history contributes its L codes as L tokens (``item_tokens = "codes"``). Token
+embedding = code embedding (one table per level, plus one MASK row per level for the code-masking
+perturbation) + level embedding + item-position embedding (+ the item-ID embedding), the position
+counted from the NEWEST item, so the newest item always has position 0 and left padding never shifts
+the real items. ``item_tokens = "item"`` makes one token per item instead: its L code embeddings
+summed + position (+ ID), T = N; attention (focused or standard) is the same.
 
 Attention is causal over tokens and padded keys are masked. ``attention="focused"`` is the
 Differential-Transformer form (two softmax maps, their lambda-weighted difference, per-head RMSNorm,
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_KINDS = ("focused", "standard")
+ITEM_TOKENS = ("codes", "item")
 
 
 @dataclass
@@ -60,10 +63,13 @@ class FAIRConfig:
     tie_output: bool = True  # output head of level j scores against the input code embeddings of level j
     item_ids: bool = True  # a free item-ID embedding beside the codes (input and output, one tied table)
     num_items: int = 0  # catalog size: rows of the item-ID table (set from the semantic-ID table at training)
+    item_tokens: str = "codes"  # "codes": L tokens per item (one per code) | "item": one token per item
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.item_tokens not in ITEM_TOKENS:
+            raise ValueError(f"item_tokens must be one of {ITEM_TOKENS}, got {self.item_tokens!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attention == "focused" and (self.d_model // self.n_heads) % 2:
@@ -73,6 +79,11 @@ class FAIRConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {self.num_items}")
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Input tokens per history item: L (one per code) or 1 (the item's code embeddings summed)."""
+        return self.num_levels if self.item_tokens == "codes" else 1
 
     @property
     def has_item_ids(self) -> bool:
@@ -351,17 +362,22 @@ class FAIR(nn.Module):
         D = cfg.d_model
         # position from the newest item: N-1, ..., 1, 0 (clamped to the table size)
         pos = torch.clamp(torch.arange(N - 1, -1, -1, device=codes.device), max=cfg.max_items - 1)
-        x = (
-            self.code_embeddings(codes)  # [B,N,L,D]
-            + self.level_emb.weight  # [L,D]
-            + self.pos_emb(pos)[:, None, :]  # [N,1,D]
-        )
+        P = cfg.tokens_per_item  # L, or 1 with item_tokens = "item"
+        if P == 1:  # one token per item: its code embeddings summed (+ position)
+            x = self.code_embeddings(codes).sum(-2) + self.pos_emb(pos)  # [B,N,D]
+        else:
+            x = (
+                self.code_embeddings(codes)  # [B,N,L,D]
+                + self.level_emb.weight  # [L,D]
+                + self.pos_emb(pos)[:, None, :]  # [N,1,D]
+            )
         if self.item_emb is not None:
             if items is None:
                 raise ValueError("this model has item-ID embeddings (item_ids = true): pass items")
-            x = x + self.id_input(items)[:, :, None, :]  # the item's ID joins each of its L tokens
-        x = x.reshape(B, N * L, D)
-        key_real = item_mask[:, :, None].expand(B, N, L).reshape(B, N * L)  # [B,T]
+            ids = self.id_input(items)  # [B,N,D]
+            x = x + (ids if P == 1 else ids[:, :, None, :])  # the item's ID joins each of its tokens
+        x = x.reshape(B, N * P, D)
+        key_real = item_mask[:, :, None].expand(B, N, P).reshape(B, N * P)  # [B,T]
         if self.user_emb is not None:
             if user_buckets is None:
                 raise ValueError("this model has a user token (user_buckets > 0): pass user_buckets")
@@ -377,7 +393,7 @@ class FAIR(nn.Module):
             if maps is not None:
                 maps.append(attn)
         x = self.ln_f(x)
-        history = x[:, T - N * L + L - 1 :: L]  # [B,N,D] hidden at the last token of every item
+        history = x[:, T - N * P + P - 1 :: P]  # [B,N,D] hidden at the last token of every item
         return FAIROutput(self.head_logits(history), history, maps)
 
     def head_logits(self, history: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ def in_process(
                 "users_per_s": b * n / (fwd + beam),
             }
         )
-        print(f"in-process batch {b:4d}: forward {rows[-1]['forward_ms']:.2f} ms, beam {rows[-1]['beam_ms']:.2f} ms, "
+        print(f"in-process batch {b:4d}: forward {rows[-1]['forward_ms']:.2f} ms, search {rows[-1]['search_ms']:.2f} ms, "
               f"{rows[-1]['users_per_s']:.0f} users/s", flush=True)  # fmt: skip
     return rows
 

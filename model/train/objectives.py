@@ -40,6 +40,7 @@ def robust_loss(
     perturbed: FAIROutput,
     kept: torch.Tensor,
     attn_weight: float = 1.0,
+    tokens_per_item: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction term, attention term) of L_robust on the item slots both passes keep.
 
@@ -49,21 +50,24 @@ def robust_loss(
       already answers to L_next);
     * attention: mean squared difference of the final attention maps (focused: A1 - lambda A2,
       which can be negative, so no KL) over (query, key) token pairs whose items are both kept,
-      averaged over layers and heads; the clean maps detached as well.
+      averaged over layers and heads; the clean maps detached as well. ``tokens_per_item``: L (the
+      default) or 1 for a one-token-per-item network.
 
     Both are exactly 0 when the perturbation is the identity and the two passes are deterministic.
     """
     log_p = torch.log_softmax(clean_logits.float(), dim=-1).detach()  # [K,C]
     log_q = torch.log_softmax(pert_logits.float(), dim=-1)
     pred = (log_p.exp() * (log_p - log_q)).sum(-1).mean() if log_p.size(0) else log_q.sum() * 0.0
+    if tokens_per_item is None:
+        tokens_per_item = clean.logits.size(2)  # L tokens per item
     if attn_weight == 0 or clean.attn is None or perturbed.attn is None:
         return pred, torch.zeros((), device=pred.device)
     B, N = kept.shape
     T = clean.attn[0].size(-1)
-    L = clean.logits.size(2)
-    tok = kept[:, :, None].expand(B, N, L).reshape(B, N * L)
-    if T > N * L:  # the hashed user token is always kept
-        tok = torch.cat([torch.ones_like(tok[:, : T - N * L]), tok], dim=1)
+    P = tokens_per_item
+    tok = kept[:, :, None].expand(B, N, P).reshape(B, N * P)
+    if T > N * P:  # the hashed user token is always kept
+        tok = torch.cat([torch.ones_like(tok[:, : T - N * P]), tok], dim=1)
     pair = (tok[:, :, None] & tok[:, None, :])[:, None]  # [B,1,T,T]
     count = pair.sum() * clean.attn[0].size(1)
     total = torch.zeros((), device=pred.device)

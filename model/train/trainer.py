@@ -295,7 +295,10 @@ class Trainer:
                 else:
                     robust_cand, clean_kept = cand, logits[kept[valid]]
                 pert_logits = self._item_logits(pert.history[kept], robust_cand)
-                pred, attn = robust_loss(clean_kept, pert_logits, clean, pert, kept, t.robust_attn_weight)
+                pred, attn = robust_loss(
+                    clean_kept, pert_logits, clean, pert, kept, t.robust_attn_weight,
+                    self.cfg.model.tokens_per_item,
+                )  # fmt: skip
                 out["robust"] = pred + t.robust_attn_weight * attn
                 out["robust_attn"] = attn
                 total = total + t.alpha * out["robust"]

@@ -133,10 +133,12 @@ def _id_model(seed: int = 0, num_items: int = 40) -> FAIR:
     return FAIR(cfg).eval()
 
 
-@pytest.mark.parametrize("item_ids", [True, False])
-def test_left_padding_does_not_change_the_prediction(item_ids):
-    model = _id_model() if item_ids else FAIR(FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2))
-    model.eval()
+@pytest.mark.parametrize("item_ids, item_tokens", [(True, "codes"), (False, "codes"), (True, "item")])
+def test_left_padding_does_not_change_the_prediction(item_ids, item_tokens):
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, item_tokens=item_tokens,
+                     num_items=40 if item_ids else 0)  # fmt: skip
+    model = FAIR(cfg).eval()
     codes, mask = _inputs()
     items = _items(mask)
     short = model.next_item_scores(codes[:1, 3:], items[:1, 3:], mask[:1, 3:])  # without the padding
@@ -188,6 +190,25 @@ def test_untrained_items_have_no_id_part_in_input_or_score():
         a = model.next_item_scores(codes, items, mask)
         b = model.next_item_scores(codes, unknown, mask)
         torch.testing.assert_close(a[0], b[0])
+
+
+def test_one_token_per_item_is_the_sum_of_its_code_embeddings():
+    """item_tokens = "item": T = N tokens, each the item's code embeddings summed (+ position + ID); the
+    fast and plain attention forms agree and the maps are [B, H, N, N]."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, item_tokens="item")
+    model = FAIR(cfg).eval()
+    codes, mask = _inputs()
+    fast, plain = model(codes, mask), model(codes, mask, return_attn=True)
+    assert plain.attn[0].shape == (3, 2, 5, 5) and fast.logits.shape == (3, 5, 4, 16)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    # permuting an item's codes across levels changes the item: levels keep separate tables
+    swapped = codes.clone()
+    swapped[2, -1] = codes[2, -1].flip(0)
+    if not torch.equal(swapped, codes):
+        assert not torch.allclose(model(swapped, mask).logits[2, -1], fast.logits[2, -1])
+    with pytest.raises(ValueError, match="item_tokens"):
+        FAIRConfig(item_tokens="words")
 
 
 def test_item_id_model_needs_items():

@@ -109,6 +109,26 @@ def test_robust_loss_is_zero_for_identity_perturbation_and_positive_otherwise(at
     assert model.code_emb.weight.grad is not None and model.code_emb.weight.grad.abs().sum() > 0
 
 
+def test_robust_attention_term_counts_one_token_per_item_for_item_token_models():
+    torch.manual_seed(0)
+    cfg = FAIRConfig(num_levels=L, codebook_size=V, d_model=32, n_layers=2, n_heads=2, dropout=0.0,
+                     num_items=ITEMS, item_tokens="item")  # fmt: skip
+    model = FAIR(cfg).eval()
+    codes, items, mask, table = _batch()
+    clean = _run(model, codes, items, mask)
+    assert clean.attn[0].shape[-1] == codes.shape[1]  # N tokens
+    p = perturb_history(codes, items, mask, table, V, rate=0.0)
+    pert = _run(model, p.codes, p.items, p.item_mask)
+    args = (_kept_logits(model, clean, p.kept, table), _kept_logits(model, pert, p.kept, table))
+    pred, attn = robust_loss(*args, clean, pert, p.kept, tokens_per_item=1)
+    assert pred.item() == pytest.approx(0.0, abs=1e-6) and attn.item() == pytest.approx(0.0, abs=1e-9)
+    p = perturb_history(codes, items, mask, table, V, rate=0.5, generator=torch.Generator().manual_seed(0))
+    pert = _run(model, p.codes, p.items, p.item_mask)
+    args = (_kept_logits(model, clean, p.kept, table), _kept_logits(model, pert, p.kept, table))
+    pred, attn = robust_loss(*args, clean, pert, p.kept, tokens_per_item=1)
+    assert pred.item() > 1e-6 and attn.item() > 1e-9
+
+
 def test_robust_attention_term_handles_negative_focused_maps():
     model = _model("focused")
     with torch.no_grad():  # sharper maps than at initialisation, so the two maps differ in places
