@@ -178,6 +178,12 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
         raise BundleError(f"{path}: precision {manifest['precision']!r} not one of {PRECISIONS}")
     if not isinstance(manifest["files"], dict):
         raise BundleError(f"{path}: field 'files' must map file name -> sha256")
+    folder = Path(bundle_dir).resolve().name
+    if _is_version_name(folder) and manifest["version"] != int(folder):
+        raise BundleError(
+            f"{path}: the manifest is version {manifest['version']!r} but the bundle directory is {folder}: "
+            "a copied or renamed bundle; versions are written by fair-export, never copied"
+        )
     how = manifest["search"]
     if (
         not isinstance(how, dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -232,3 +233,16 @@ def test_item_scores_that_do_not_fit_the_catalog_are_refused(tmp_path, parts):
     path = write_bundle(tmp_path / "m", manifest, {**files, "item_scores.npz": tmp_path / "short.npz"})
     with pytest.raises(BundleError, match=f"do not fit {n} catalog items"):
         load_bundle(path)
+
+
+def test_a_bundle_whose_directory_names_another_version_is_refused(tmp_path, parts):
+    """`cp -a demo/1 demo/3` used to be served as version 1 from .../3 (and reloaded by the poller forever)."""
+    files, manifest, _ = parts
+    model_dir = tmp_path / "m"
+    first = write_bundle(model_dir, manifest, files)
+    shutil.copytree(first, model_dir / "3")
+    with pytest.raises(BundleError, match="manifest is version 1 but the bundle directory is 3"):
+        load_bundle(model_dir / "3")
+    with pytest.raises(BundleError, match="manifest is version 1 but the bundle directory is 3"):
+        verify_checksums(model_dir / "3")
+    assert load_bundle(first).version == 1

@@ -125,3 +125,33 @@ def test_poll_survives_a_failing_bundle_root(tiny_bundle, redis_settings, tmp_pa
             assert time.monotonic() < deadline, "polling stopped after a bundle-root error"
             time.sleep(0.05)
         assert failures
+
+
+def test_poll_tries_a_copied_bundle_once_and_keeps_serving(
+    tiny_bundle, redis_settings, tmp_path, monkeypatch
+):
+    """A version directory whose manifest names another version (`cp -a 1 3`) is refused once and
+    never retried: it used to be served as version 1 and reloaded on every poll."""
+    import service.app
+
+    model_dir = _copy_versions(tiny_bundle, tmp_path, [1])
+    real_reload = service.app.reload_model
+    attempts = []
+
+    async def counting_reload(state, version=None):
+        attempts.append(version)
+        return await real_reload(state, version)
+
+    settings = make_settings(tiny_bundle, redis_settings, bundle=model_dir, bundle_poll_s=0.05)
+    with LiveServer(settings) as live:
+        monkeypatch.setattr(service.app, "reload_model", counting_reload)
+        shutil.copytree(model_dir / "1", tmp_path / "staging")
+        (tmp_path / "staging").rename(model_dir / "3")
+        time.sleep(1.0)  # ~20 polls
+        assert attempts == [3]
+        info = httpx.get(f"{live.url}/model").json()
+        assert info["version"] == 1
+        r = httpx.post(
+            f"{live.url}/recommend", json={"user_id": "x", "history": tiny_bundle.dataset.item_ids[:2]}
+        )
+        assert r.status_code == 200 and r.json()["model_version"] == 1
