@@ -54,7 +54,7 @@ class TrainConfig:
     perturb_ops: list[str] = field(default_factory=lambda: list(PERTURB_OPS))
     mi: bool = True  # L_mi on/off
     beta: float = 0.1  # weight of L_mi
-    tau: float = 0.1  # InfoNCE temperature
+    tau: float = 0.1  # initial InfoNCE temperature (learned from there)
     # validation / early stopping
     eval_every: int = 500  # steps between validations (and checkpoints)
     eval_users: int = 3000  # validation users sampled once per run (0 = all)

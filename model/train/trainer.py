@@ -108,6 +108,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = FAIR(self.cfg.model).to(device)
+        with torch.no_grad():  # L_mi's temperature is learned, starting from train.tau
+            self.model.mi_log_scale.fill_(math.log(1.0 / t.tau))
         self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
