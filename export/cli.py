@@ -87,7 +87,7 @@ def export_parser() -> argparse.ArgumentParser:
         choices=["auto", "exact", "beam"],
         default="auto",
         help="how the service ranks with this bundle: exact (score every item), beam (semantic-ID beam "
-        "proposes --candidates items, rescored), auto = exact up to 200,000 items (default)",
+        "proposes --candidates items, rescored), auto = exact up to 100,000 items (default)",
     )
     p.add_argument(
         "--candidates",

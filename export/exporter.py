@@ -71,7 +71,7 @@ RUN_CHECKPOINTS = ("best.pt", "checkpoint.pt")  # preference order inside a run 
 RUN_METRICS = "metrics.json"
 # Up to this many items the service scores the whole catalog (exact); above, the beam over semantic-ID
 # prefixes proposes candidates that are rescored (docs/model.md, "The served search", has the costs).
-EXACT_MAX_ITEMS = 200_000
+EXACT_MAX_ITEMS = 100_000
 
 
 def choose_search(num_items: int, mode: str = "auto") -> str:

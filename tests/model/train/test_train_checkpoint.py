@@ -58,7 +58,10 @@ def test_run_dir_and_checkpoint_round_trip(synth, tmp_path):
     codes = torch.zeros(2, 3, 3, dtype=torch.long)
     mask = torch.tensor([[False, True, True], [True, True, True]])
     items = torch.tensor([[-1, 4, 7], [1, 2, 3]])
-    for a, b in zip(again.next_item_scores(codes, items, mask), model.next_item_scores(codes, items, mask)):
+    pairs = zip(
+        again.next_item_scores(codes, items, mask), model.next_item_scores(codes, items, mask), strict=True
+    )
+    for a, b in pairs:
         torch.testing.assert_close(a, b)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model(tmp_path / "nothing.pt")
