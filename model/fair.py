@@ -63,7 +63,7 @@ class FAIRConfig:
     tie_output: bool = True  # output head of level j scores against the input code embeddings of level j
     item_ids: bool = True  # a free item-ID embedding beside the codes (input and output, one tied table)
     num_items: int = 0  # catalog size: rows of the item-ID table (set from the semantic-ID table at training)
-    item_tokens: str = "codes"  # "codes": L tokens per item (one per code) | "item": one token per item
+    item_tokens: str = "item"  # "item": one token per item (codes summed) | "codes": L tokens per item
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -99,7 +99,8 @@ class FAIRConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown FAIRConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        # configs saved before these keys existed describe the only form there was then
+        return cls(**{"item_tokens": "codes", "item_ids": False, **d})
 
 
 class FAIROutput(NamedTuple):

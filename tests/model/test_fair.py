@@ -106,7 +106,15 @@ def _inputs(B=3, N=5, L=4, V=16, seed=0):
 @pytest.mark.parametrize("attention", ["focused", "standard"])
 def test_model_fast_and_plain_paths_agree_and_outputs_have_contract_shapes(attention):
     torch.manual_seed(0)
-    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, attention=attention)
+    cfg = FAIRConfig(
+        codebook_size=16,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        dropout=0.0,
+        attention=attention,
+        item_tokens="codes",
+    )
     model = FAIR(cfg).eval()
     codes, mask = _inputs()
     fast = model(codes, mask)
@@ -266,3 +274,16 @@ def test_config_rejects_bad_values():
         FAIRConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="unknown"):
         FAIRConfig.from_dict({"d_model": 32, "width": 3})
+
+
+def test_configs_saved_before_item_ids_and_item_tokens_load_as_the_form_they_had():
+    """A checkpoint's model_config from before these keys existed must not pick up today's defaults
+    (one token per item, item IDs): its weights were trained as L code tokens without item IDs."""
+    old = {
+        k: v
+        for k, v in FAIRConfig(codebook_size=16).to_dict().items()
+        if k not in ("item_tokens", "item_ids")
+    }
+    cfg = FAIRConfig.from_dict(old)
+    assert cfg.item_tokens == "codes" and not cfg.item_ids
+    assert FAIRConfig().item_tokens == "item" and FAIRConfig().item_ids

@@ -21,7 +21,7 @@ def _model(attention="focused", num_items=ITEMS):
     torch.manual_seed(0)
     cfg = FAIRConfig(
         num_levels=L, codebook_size=V, d_model=32, n_layers=2, n_heads=2, dropout=0.0, attention=attention,
-        num_items=num_items,
+        num_items=num_items, item_tokens="codes",
     )  # fmt: skip
     return FAIR(cfg).eval()
 
