@@ -277,7 +277,8 @@ class FAIR(nn.Module):
         L, V, D = cfg.num_levels, cfg.codebook_size, cfg.d_model
         # one table for all levels: row j * (V + 1) + c is code c of level j, row j * (V + 1) + V is MASK
         self.code_emb = nn.Embedding(L * (V + 1), D)
-        self.level_emb = nn.Embedding(L, D)
+        # one token per item sums the levels' embeddings: a level embedding would only add a constant
+        self.level_emb = nn.Embedding(L, D) if cfg.item_tokens == "codes" else None
         self.pos_emb = nn.Embedding(cfg.max_items, D)
         self.user_emb = nn.Embedding(cfg.user_buckets, D) if cfg.user_buckets > 0 else None
         self.drop = nn.Dropout(cfg.dropout)

@@ -88,6 +88,8 @@ def load_model(
     model = FAIR(FAIRConfig.from_dict(ckpt["model_config"]))
     # the projection heads of the first L_mi form (training only) are not part of the network any more
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith(OBSOLETE_PREFIXES)}
+    if model.level_emb is None:  # one-token models written while they still carried an unused level table
+        state.pop("level_emb.weight", None)
     if "mi_log_scale" not in state and "head_proj" in state:  # written before L_mi had a temperature
         state["mi_log_scale"] = model.mi_log_scale.detach().clone()
     model.load_state_dict(state)

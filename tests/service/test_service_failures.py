@@ -6,6 +6,7 @@ only stop a server it owns.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -63,7 +64,9 @@ def _copy_versions(tiny_bundle, dest: Path, versions) -> Path:
 def test_broken_bundle_keeps_the_old_model(tiny_bundle, redis_settings, tmp_path):
     model_dir = _copy_versions(tiny_bundle, tmp_path, [1])
     broken = shutil.copytree(model_dir / "1", model_dir / "2")
-    np.save(broken / "popular.npy", np.arange(3, dtype=np.int64))  # checksum no longer matches
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))  # a real version 2 ...
+    np.save(broken / "popular.npy", np.arange(3, dtype=np.int64))  # ... whose checksum no longer matches
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with LiveServer(make_settings(tiny_bundle, redis_settings, bundle=model_dir / "1")) as live:
         r = httpx.post(f"{live.url}/admin/reload", json={"version": 2}, headers=auth)

@@ -97,3 +97,15 @@ def test_time_budget_stops_training_at_the_end_of_the_cosine(synth, tmp_path, ca
     ckpt = read_checkpoint(out / "checkpoint.pt")
     assert ckpt["rng"]["train_seconds"] >= 0.18
     assert last["lr"] == pytest.approx(ckpt["train_config"]["lr"] * ckpt["train_config"]["min_lr_ratio"])
+
+
+def test_a_one_token_checkpoint_with_the_old_unused_level_table_still_loads(tmp_path):
+    """One-token models written before the unused level embedding was dropped carry level_emb.weight."""
+    from model.fair import FAIR, FAIRConfig
+    from model.train.checkpoint import untrained_checkpoint
+
+    cfg = FAIRConfig(codebook_size=8, num_levels=3, d_model=16, n_layers=1, n_heads=2, num_items=5)
+    state = {**FAIR(cfg).state_dict(), "level_emb.weight": torch.zeros(3, 16)}
+    save_checkpoint(tmp_path / "old.pt", untrained_checkpoint(state, cfg.to_dict(), "0" * 64, {}))
+    model, _ = load_model(tmp_path / "old.pt")
+    assert model.level_emb is None and model.cfg.item_tokens == "item"
