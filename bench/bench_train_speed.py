@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # unless PYTHONPATH names another checkout
+if not os.environ.get("PYTHONPATH"):  # PYTHONPATH may name another checkout to measure
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.data.loading import load_dataset  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.data)
     table = SemanticIdTable.load(args.sid)
     rows = []
+    import model
+
+    print(f"measuring the code in {Path(model.__file__).resolve().parents[1]}", file=sys.stderr)
     for config in args.configs:
         for threads in args.threads:
             row = measure(config, args.set, threads, data, table, args.warmup, args.steps, args.profile)
