@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from export.bundle import MANIFEST_FILE, list_versions
 from service import errors, metrics
 from service.batcher import Batcher, BatcherClosed, Job, QueueFull
-from service.engine import Engine, load_engine
+from service.engine import Engine, load_engine, single_threaded_blas
 from service.errors import ServiceError, unavailable
 from service.redis_store import EmbeddedRedis, HistoryStore, StoreUnavailable, async_client
 from service.schemas import (
@@ -169,6 +169,7 @@ def _lifespan(state: AppState):
         # (wrk c=16, 2 runs each of 0.5 / 0.2 / 0.1 / 0.05 ms; 0.05 was no better than 0.1).
         previous_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        blas = single_threaded_blas()
         url = s.redis_url
         if url is None:
             state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
@@ -200,6 +201,7 @@ def _lifespan(state: AppState):
             if state.embedded is not None:
                 await asyncio.to_thread(state.embedded.stop)
             sys.setswitchinterval(previous_switch_interval)
+            blas.restore_original_limits()
 
     return lifespan
 

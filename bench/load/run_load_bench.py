@@ -91,8 +91,9 @@ def in_process(
     service gets: a batch is padded to its longest history, so one fixed batch per size (what an
     earlier version measured) was off by -21% to +32% depending on which users it drew (Beauty).
     """
-    from service.engine import load_engine
+    from service.engine import load_engine, single_threaded_blas
 
+    single_threaded_blas()  # as the service does (service/app.py lifespan)
     engine = load_engine(
         bundle, providers=["CPUExecutionProvider"], intra_op_threads=threads, inter_op_threads=1
     )
