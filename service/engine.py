@@ -39,9 +39,6 @@ class ModelScores:
     def __getitem__(self, rows) -> ModelScores:
         return ModelScores(self.code_scores[rows], self.query[rows])
 
-    def __len__(self) -> int:
-        return len(self.code_scores)
-
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

@@ -59,11 +59,12 @@ class _Excluded:
     full: list[np.ndarray]
 
 
-def _exclusion(exclude: ExcludeArg, batch: int, trie: CodeTrie) -> _Excluded:
-    num_items = trie.num_items
+def excluded_pairs(exclude: ExcludeArg, batch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated distinct ``(users, items)`` of every excluded pair, users ascending (the exclusion
+    argument of every search: per user an int array of item indices, or None)."""
+    empty = np.zeros(0, dtype=np.int64)
     if exclude is None:
-        empty = np.zeros(0, dtype=np.int64)
-        return _Excluded(empty, empty, empty, [empty] * (trie.code_length + 1))
+        return empty, empty
     if len(exclude) != batch:
         raise ValueError(f"exclude must have one entry per user ({batch}), got {len(exclude)}")
     keys = []
@@ -74,8 +75,15 @@ def _exclusion(exclude: ExcludeArg, batch: int, trie: CodeTrie) -> _Excluded:
         if items.size and (items[0] < 0 or items[-1] >= num_items):
             raise ValueError(f"exclude[{user}] holds item indices outside the catalog [0, {num_items})")
         keys.append(user * num_items + items)
-    keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)  # sorted: users ascending
+    keys = np.concatenate(keys) if keys else empty  # sorted: users ascending
     users, items = np.divmod(keys, max(num_items, 1))
+    return users, items
+
+
+def _exclusion(exclude: ExcludeArg, batch: int, trie: CodeTrie) -> _Excluded:
+    num_items = trie.num_items
+    users, items = excluded_pairs(exclude, batch, num_items)
+    keys = users * num_items + items
     leaves = trie.leaf_of_item()[items] if keys.size else keys
     return _Excluded(users, leaves, keys, _full_prefixes(trie, users, leaves))
 

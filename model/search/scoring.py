@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.search.beam import ExcludeArg, SearchResult, constrained_beam_search
+from model.search.beam import ExcludeArg, SearchResult, constrained_beam_search, excluded_pairs
 from model.semantic_ids.trie import CodeTrie
 
 SEARCH_MODES = ("exact", "beam")
@@ -97,26 +97,6 @@ class ItemScorer:
         return np.where(items >= 0, scores, -np.inf).astype(np.float32)
 
 
-def _exclude_mask_rows(exclude: ExcludeArg, batch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, items) of every excluded pair, validated."""
-    if exclude is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if len(exclude) != batch:
-        raise ValueError(f"exclude must have one entry per user ({batch}), got {len(exclude)}")
-    rows, cols = [], []
-    for user, items in enumerate(exclude):
-        if items is None:
-            continue
-        items = np.asarray(items, dtype=np.int64).reshape(-1)
-        if items.size and (items.min() < 0 or items.max() >= num_items):
-            raise ValueError(f"exclude[{user}] holds item indices outside the catalog [0, {num_items})")
-        rows.append(np.full(items.size, user, dtype=np.int64))
-        cols.append(items)
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(rows), np.concatenate(cols)
-
-
 def top_k(scores: np.ndarray, k: int) -> SearchResult:
     """Best ``k`` of each row of ``scores`` ``[B, C]`` (``-inf`` = not a candidate), best first; ties go
     to the lower column. Padded with -1 / -inf when a row has fewer than k finite scores."""
@@ -145,7 +125,7 @@ def exact_search(
 ) -> SearchResult:
     """Top-k by the full score over the whole catalog, excluded items removed."""
     scores = scorer.all_scores(code_scores, query)
-    rows, cols = _exclude_mask_rows(exclude, scores.shape[0], scorer.num_items)
+    rows, cols = excluded_pairs(exclude, scores.shape[0], scorer.num_items)
     scores[rows, cols] = -np.inf
     return top_k(scores, k)
 

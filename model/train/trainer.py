@@ -116,7 +116,7 @@ class Trainer:
         # Items without a training interaction are not in the training catalog: never a negative of the
         # softmax (else their codes' scores are pushed down for being absent, and an item that arrives
         # after training could never be recommended), and never sampled.
-        self.untrained_t = torch.from_numpy(~self.trained).to(device)
+        self.untrained_t = torch.from_numpy(~self.trained).to(device) if not self.trained.all() else None
         # sampled softmax: negatives drawn from the training popularity (smoothed), corrected by log Q
         counts = np.bincount(np.concatenate(self.windows.seq), minlength=table.num_items).astype(np.float64)
         q = np.where(self.trained, (counts + 1.0) ** 0.75, 0.0)
@@ -253,7 +253,7 @@ class Trainer:
         """Scores of the candidates (the catalog when ``cand`` is None), -log Q corrected if sampled."""
         if cand is None:
             logits = self.model.item_logits(history, self.item_codes_t)
-            return logits.masked_fill(self.untrained_t, float("-inf")) if self.untrained_t.any() else logits
+            return logits if self.untrained_t is None else logits.masked_fill(self.untrained_t, float("-inf"))
         logits = self.model.item_logits(history, self.item_codes_t[cand], cand)
         return logits - torch.log(self.sample_q[cand])
 
