@@ -20,10 +20,7 @@ def test_default_k_setting_applies_when_k_is_omitted(tiny_bundle, redis_settings
 def test_serving_uses_one_blas_thread_and_restores_it(tiny_bundle, redis_settings):
     """The exact search's item product must not fan out over BLAS threads while serving: on busy cores a
     multi-threaded BLAS made one batch-1 scoring ~9x slower (8.0 vs 0.86 ms on the Beauty bundle)."""
-    import os
-
     import numpy as np
-    import pytest
     from threadpoolctl import threadpool_info
 
     np.ones((64, 64)) @ np.ones((64, 64))  # load numpy's BLAS so it is listed
@@ -32,8 +29,9 @@ def test_serving_uses_one_blas_thread_and_restores_it(tiny_bundle, redis_setting
         return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 
     before = blas_threads()
-    if (os.cpu_count() or 1) < 2 or set(before.values()) == {1}:
-        pytest.skip("BLAS runs one thread here already: nothing to limit")
+    # numpy's BLAS starts with one thread per core; on our 2-core machines (and CI's) that is 2, so the
+    # limit below is visible. (Forcing 2 from this thread would make OpenBLAS keep a per-thread value.)
+    assert before and max(before.values()) >= 2, f"needs >= 2 BLAS threads to see the limit: {before}"
     with LiveServer(make_settings(tiny_bundle, redis_settings)):
         assert set(blas_threads().values()) == {1}
     assert blas_threads() == before
