@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +24,30 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from export.bundle import MANIFEST_FILE, list_versions
 from service import errors, metrics
-from service.batcher import Batcher, BatcherClosed, Job, QueueFull
+from service.batcher import Batcher, BatcherClosed, Job, Overloaded, QueueFull
 from service.engine import Engine, load_engine, single_threaded_blas
 from service.errors import ServiceError, unavailable
-from service.redis_store import EmbeddedRedis, HistoryStore, StoreUnavailable, async_client
+from service.redis_store import (
+    EmbeddedRedis,
+    HistoryStore,
+    IdempotencyConflict,
+    StoreUnavailable,
+    async_client,
+)
+from service.redis_supervisor import RedisSupervisor
 from service.schemas import (
     EventsRequest,
     EventsResponse,
     HealthResponse,
     HistoryResponse,
     ModelResponse,
+    PublicModelResponse,
     ReadyResponse,
     RecommendRequest,
     RecommendResponse,
@@ -52,13 +62,29 @@ log = logging.getLogger("fair.app")
 GIL_SWITCH_INTERVAL_S = 0.0001  # see the lifespan
 
 UserIdPath = Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="any printable ASCII token (a UUID is fine): a write repeated with the same key "
+        "(within FAIR_IDEMPOTENCY_TTL_S) is applied once and answered with the first answer",
+    ),
+]
+# The public message of every Redis outage: the address and the driver's error go to the log only.
+REDIS_UNAVAILABLE = "the history store (Redis) is unavailable; retry shortly"
 
 
 @dataclass
 class AppState:
     settings: Settings
     store: HistoryStore | None = None
+    # the embedded server of FAIR_DATA_DIR when that is our Redis (started here, or by fair-serve and
+    # handed down as its URL); None with an external Redis
     embedded: EmbeddedRedis | None = None
+    supervisor: RedisSupervisor | None = None
     engine: Engine | None = None
     batcher: Batcher | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -171,14 +197,19 @@ def _lifespan(state: AppState):
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         blas = single_threaded_blas()
         url = s.redis_url
-        if url is None:
+        if url is None:  # we start the embedded server, so we supervise it
             state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
             url = state.embedded.url
+            if state.embedded.proc is not None:  # not one reused from another process
+                state.supervisor = RedisSupervisor(state.embedded, s.redis_restart_attempts).start()
+        elif url == EmbeddedRedis(s.data_dir).url:  # fair-serve's embedded server, supervised there
+            state.embedded = EmbeddedRedis(s.data_dir)
         state.store = HistoryStore(
             async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0, s.redis_max_connections),
             prefix=s.history_key_prefix,
             max_items=s.history_max_items,
             max_concurrency=s.redis_max_connections,
+            cluster=s.redis_cluster,
         )
         state.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.queue_size)
         try:
@@ -198,8 +229,10 @@ def _lifespan(state: AppState):
             # whatever is still queued, then release Redis.
             await asyncio.to_thread(state.batcher.close)
             await state.store.close()
+            if state.supervisor is not None:  # first, or stopping the server would look like a crash
+                await asyncio.to_thread(state.supervisor.stop)
             if state.embedded is not None:
-                await asyncio.to_thread(state.embedded.stop)
+                await asyncio.to_thread(state.embedded.stop)  # a no-op unless we started it
             sys.setswitchinterval(previous_switch_interval)
             blas.restore_original_limits()
 
@@ -208,14 +241,19 @@ def _lifespan(state: AppState):
 
 # ---- middleware -------------------------------------------------------------------------------------
 class RequestMiddleware:
-    """Request-duration metrics by route template + status, and the request-body size limit (413).
+    """Request-duration metrics by route template + status, and what every request must respect
+    before a route sees it: the body size limit (413), the body-read deadline (408) and a path that
+    is valid UTF-8 (422).
 
     Pure ASGI (no BaseHTTPMiddleware): no extra task per request, and the body is counted as it
-    streams, so a chunked upload without Content-Length is cut off at the limit too.
+    streams, so a chunked upload without Content-Length is cut off at the limit too. A client that
+    starts a body and never finishes it would hold its connection (a file descriptor) for good: past
+    ``body_timeout_s`` it gets 408 and the connection is closed.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, routes_of: FastAPI):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, routes_of: FastAPI):
         self.app, self.max_body_bytes, self.routes_of = app, max_body_bytes, routes_of
+        self.body_timeout_s = body_timeout_s
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -241,6 +279,15 @@ class RequestMiddleware:
             await send(message)
 
         try:
+            if not _utf8_path(scope):
+                # Starlette would decode the user id with U+FFFD replacements, so /users/%ff and
+                # /users/%fe would share one history: refuse instead of merging users.
+                metrics.REQUESTS_REJECTED.labels(reason="invalid").inc()
+                resp = errors.error_response(
+                    422, "invalid_request", "path: percent-encoded bytes are not valid UTF-8", "path"
+                )
+                await resp(scope, receive, send_wrapper)
+                return
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
                 metrics.REQUESTS_REJECTED.labels(reason="body_too_large").inc()
@@ -250,10 +297,20 @@ class RequestMiddleware:
                 await resp(scope, receive, send_wrapper)
                 return
             received = 0
+            body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
             async def limited_receive() -> Message:
                 nonlocal received
-                message = await receive()
+                try:
+                    async with asyncio.timeout_at(body_deadline):
+                        message = await receive()
+                except TimeoutError:
+                    metrics.REQUESTS_REJECTED.labels(reason="body_timeout").inc()
+                    raise HTTPException(
+                        408,
+                        f"request body not received within {self.body_timeout_s * 1000:g} ms",
+                        headers={"Connection": "close"},
+                    ) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
@@ -278,8 +335,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fair = state
     errors.install(app)
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, routes_of=app)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_ms / 1000.0,
+        routes_of=app,
+    )
     timeout_s = settings.request_timeout_ms / 1000.0
+    data_plane = (
+        [Depends(_bearer_check(settings.api_tokens, "apiToken", "FAIR_API_TOKENS"))]
+        if settings.api_tokens
+        else []
+    )
 
     def require_store() -> HistoryStore:
         assert state.store is not None, "lifespan not started"
@@ -288,8 +355,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/recommend",
         response_model=RecommendResponse,
-        responses=error_responses(413, 422, 429, 500, 503, 504),
+        responses=error_responses(*_auth(settings), 408, 413, 422, 429, 500, 503, 504),
         summary="Top-k items for a user (Redis history) or for a given history",
+        dependencies=data_plane,
     )
     async def recommend(body: RecommendRequest) -> Response:
         t_start = time.perf_counter()
@@ -309,7 +377,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         raw = await require_store().get(body.user_id)
                     except StoreUnavailable as exc:
                         metrics.REQUESTS_REJECTED.labels(reason="redis_unavailable").inc()
-                        raise unavailable("redis_unavailable", str(exc)) from exc
+                        raise unavailable("redis_unavailable", REDIS_UNAVAILABLE) from exc
                     timing["redis"] = time.perf_counter() - t0
                     metrics.stage("redis").observe(timing["redis"])
                 index = engine.item_index
@@ -336,7 +404,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         loop=asyncio.get_running_loop(),
                     )
                     try:
-                        result = await state.batcher.submit(job)
+                        time_left = timeout_s - (time.perf_counter() - t_start)
+                        result = await state.batcher.submit(job, time_left)
+                    except Overloaded as exc:
+                        metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
+                        raise ServiceError(429, "overloaded", str(exc), headers={"Retry-After": "1"}) from exc
                     except QueueFull as exc:
                         metrics.REQUESTS_REJECTED.labels(reason="queue_full").inc()
                         raise ServiceError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from exc
@@ -366,27 +438,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/users/{user_id}/events",
         response_model=EventsResponse,
-        responses=error_responses(413, 422, 500, 503, 504),
-        summary="Append items to a user's history (append + trim in one transaction)",
+        responses=error_responses(*_auth(settings), 408, 409, 413, 422, 500, 503, 504),
+        summary="Append items to a user's history (append + trim atomically, at most once per Idempotency-Key)",
+        dependencies=data_plane,
     )
-    async def add_events(user_id: UserIdPath, body: EventsRequest) -> EventsResponse:
-        length = await _redis_call(require_store().append(user_id, body.item_ids), timeout_s)
-        return EventsResponse(user_id=user_id, history_length=length)
+    async def add_events(
+        user_id: UserIdPath, body: EventsRequest, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
+        write = require_store().append(user_id, body.item_ids, idempotency_key, settings.idempotency_ttl_s)
+        try:
+            result = await _redis_call(write, timeout_s)
+        except IdempotencyConflict as exc:
+            raise ServiceError(409, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
+        return JSONResponse(
+            EventsResponse(user_id=user_id, history_length=result.length).model_dump(),
+            headers={"Idempotent-Replayed": "true"} if result.replayed else None,
+        )
 
     @app.get(
         "/users/{user_id}/history",
         response_model=HistoryResponse,
-        responses=error_responses(422, 500, 503, 504),
+        responses=error_responses(*_auth(settings), 422, 500, 503, 504),
         summary="A user's stored history, oldest first",
+        dependencies=data_plane,
     )
     async def get_history(user_id: UserIdPath) -> HistoryResponse:
         items = await _redis_call(require_store().get(user_id), timeout_s)
         return HistoryResponse(user_id=user_id, item_ids=items)
 
     @app.get(
-        "/healthz", response_model=HealthResponse, responses=error_responses(500), summary="Process alive"
+        "/healthz",
+        response_model=HealthResponse,
+        responses=error_responses(500, 503),
+        summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me)",
     )
     async def healthz() -> HealthResponse:
+        if state.embedded is not None and (reason := state.embedded.failure()) is not None:
+            raise ServiceError(503, "redis_failed", f"embedded Redis could not be restarted: {reason}")
         return HealthResponse()
 
     @app.get(
@@ -420,38 +508,65 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(
         "/model",
-        response_model=ModelResponse,
+        response_model=PublicModelResponse,
         responses=error_responses(500, 503),
-        summary="The bundle being served",
+        summary="The bundle being served (no file paths: those are on GET /admin/model)",
     )
-    async def model_info() -> ModelResponse:
-        engine = state.engine
-        if engine is None:
-            raise unavailable("no_model", "no model loaded yet")
-        return _model_summary(engine)
+    async def model_info() -> PublicModelResponse:
+        return _public_model_summary(_serving_engine(state))
 
     if settings.admin_token is not None:
         app.include_router(_admin_router(state))
     return app
 
 
-def _admin_router(state: AppState) -> APIRouter:
-    token = state.settings.admin_token.get_secret_value().encode()
+def _serving_engine(state: AppState) -> Engine:
+    if state.engine is None:
+        raise unavailable("no_model", "no model loaded yet")
+    return state.engine
 
-    def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+
+def _bearer_check(tokens, scheme_name: str, setting: str):
+    """A dependency accepting ``Authorization: Bearer <one of tokens>`` (constant-time compare), 401
+    otherwise. Declared as an HTTP bearer security scheme, so OpenAPI clients see the requirement."""
+    secrets = [t.get_secret_value().encode() for t in tokens]
+    bearer = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=f"the token in {setting}")
+
+    # a default, not Annotated[...]: this module's annotations are strings, and ``bearer`` is local
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        given = credentials.credentials.encode() if credentials is not None else b""
+        # every token is compared (no early exit), so timing does not tell which one nearly matched
+        if not sum(hmac.compare_digest(given, t) for t in secrets):
             raise ServiceError(
-                401, "unauthorized", "admin routes need Authorization: Bearer <FAIR_ADMIN_TOKEN>",
+                401, "unauthorized", f"this route needs Authorization: Bearer <a token of {setting}>",
                 headers={"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
 
+    return check
+
+
+def _auth(settings: Settings) -> tuple[int, ...]:
+    """The 401 of the OpenAPI responses of data-plane routes, when API tokens are configured."""
+    return (401,) if settings.api_tokens else ()
+
+
+def _admin_router(state: AppState) -> APIRouter:
+    check_token = _bearer_check([state.settings.admin_token], "adminToken", "FAIR_ADMIN_TOKEN")
     router = APIRouter(prefix="/admin", dependencies=[Depends(check_token)])
+
+    @router.get(
+        "/model",
+        response_model=ModelResponse,
+        responses=error_responses(401, 500, 503),
+        summary="The bundle being served, with its directory and the manifest's source paths",
+    )
+    async def admin_model() -> ModelResponse:
+        return _model_summary(_serving_engine(state))
 
     @router.post(
         "/reload",
         response_model=ReloadResponse,
-        responses=error_responses(401, 404, 409, 413, 422, 500),
+        responses=error_responses(401, 404, 408, 409, 413, 422, 500),
         summary="Load, verify and warm a bundle version, then swap it in atomically",
     )
     async def reload(body: ReloadRequest | None = None) -> ReloadResponse:
@@ -475,7 +590,7 @@ async def _redis_call(coro, timeout_s: float):
             return await coro
     except StoreUnavailable as exc:
         metrics.REQUESTS_REJECTED.labels(reason="redis_unavailable").inc()
-        raise unavailable("redis_unavailable", str(exc)) from exc
+        raise unavailable("redis_unavailable", REDIS_UNAVAILABLE) from exc
     except TimeoutError as exc:
         metrics.REQUESTS_REJECTED.labels(reason="timeout").inc()
         raise ServiceError(504, "timeout", "redis did not answer in time") from exc
@@ -496,6 +611,37 @@ def _items_json(engine: Engine, items: np.ndarray, scores: np.ndarray | None) ->
     else:  # non-finite -> null, as pydantic writes it
         score_texts = [_json(s) if math.isfinite(s) else "null" for s in scores.tolist()]
     return ",".join(parts(int(i), sc) for i, sc in zip(items.tolist(), score_texts, strict=True))
+
+
+def _utf8_path(scope: Scope) -> bool:
+    raw = scope.get("raw_path")
+    if not raw or b"%" not in raw:
+        return True  # the HTTP parser only lets ASCII through unescaped
+    try:
+        urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _without_paths(value):
+    """``value`` with every absolute file-system path removed (dict entries dropped, recursively)."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if not _is_path(v)}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and (value.startswith("/") or value[1:3] in (":\\", ":/"))
+
+
+def _public_model_summary(engine: Engine) -> PublicModelResponse:
+    full = _model_summary(engine)
+    return PublicModelResponse(
+        **full.model_dump(exclude={"path", "manifest"}), manifest=_without_paths(full.manifest)
+    )
 
 
 def _model_summary(engine: Engine) -> ModelResponse:

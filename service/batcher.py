@@ -9,6 +9,12 @@ I/O meanwhile.
 
 Every job carries the ``Engine`` it was admitted with: a reload swaps the engine for new requests,
 while jobs already queued finish on the one their request started with.
+
+Admission: a job that cannot be answered before its deadline is refused at once (``Overloaded`` ->
+429 + Retry-After) instead of queueing until the deadline passes (504, after the client waited the
+full deadline for nothing). The expected wait is the work ahead of it (queued jobs + the batch in
+progress) times the measured cost of one job in a full batch (an exponential average over recent
+batches), so under a burst the queue holds what the service can answer in time and sheds the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ log = logging.getLogger("fair.batcher")
 
 class QueueFull(RuntimeError):
     """The inference queue is at capacity: shed load (429) rather than queue unboundedly."""
+
+
+class Overloaded(QueueFull):
+    """The work already queued would not finish before this request's deadline."""
 
 
 class BatcherClosed(RuntimeError):
@@ -64,6 +74,9 @@ class JobResult:
 
 _STOP = object()
 
+# Weight of the newest batch in the per-job cost average: ~the last 10 batches count.
+COST_EWMA_WEIGHT = 0.1
+
 
 class Batcher:
     def __init__(self, max_batch_size: int = 32, max_wait_ms: float = 1.0, queue_size: int = 512):
@@ -71,14 +84,31 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
+        # seconds of worker time per job, measured on batches; None until the first batch ran
+        self.job_cost_s: float | None = None
+        self._in_progress = 0  # jobs of the batch the worker is running now
         self._thread = threading.Thread(target=self._run, name="fair-inference", daemon=True)
         self._thread.start()
 
     # ---- event-loop side ----
-    def submit(self, job: Job) -> asyncio.Future:
-        """Enqueue without blocking; raises ``QueueFull`` or ``BatcherClosed``."""
+    def expected_wait_s(self) -> float:
+        """How long a job submitted now would wait before its batch is done (0 before any measurement)."""
+        if self.job_cost_s is None:
+            return 0.0
+        return (self._queue.qsize() + self._in_progress + 1) * self.job_cost_s
+
+    def submit(self, job: Job, time_left_s: float | None = None) -> asyncio.Future:
+        """Enqueue without blocking; raises ``QueueFull`` (queue at capacity), ``Overloaded`` (the
+        expected wait exceeds ``time_left_s``, the request's remaining deadline) or ``BatcherClosed``."""
         if self._closed:
             raise BatcherClosed("service is shutting down")
+        if time_left_s is not None:
+            wait = self.expected_wait_s()
+            if wait > time_left_s:
+                raise Overloaded(
+                    f"overloaded: expected wait {wait * 1000:.0f} ms exceeds the {time_left_s * 1000:.0f} ms "
+                    "left of the request deadline"
+                )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -144,8 +174,22 @@ class Batcher:
             job.queue_wait = start - job.enqueued
             job.batch_size = len(live)
             by_engine[id(job.engine)].append(job)
-        for jobs in by_engine.values():
-            self._run_engine(jobs[0].engine, jobs)
+        self._in_progress = len(live)
+        try:
+            for jobs in by_engine.values():
+                self._run_engine(jobs[0].engine, jobs)
+        finally:
+            self._in_progress = 0
+        self._record_cost((time.perf_counter() - start) / len(live))
+
+    def _record_cost(self, per_job_s: float) -> None:
+        """Update the per-job cost average. A quiet service runs small batches, which cost more per
+        job than full ones: the estimate errs high while nothing waits (harmless, waits are short) and
+        settles on the full-batch cost within ~10 batches of a burst, the regime where it matters."""
+        if self.job_cost_s is None:
+            self.job_cost_s = per_job_s
+        else:
+            self.job_cost_s += COST_EWMA_WEIGHT * (per_job_s - self.job_cost_s)
 
     @staticmethod
     def _run_engine(engine: Engine, jobs: list[Job]) -> None:

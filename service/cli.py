@@ -2,8 +2,8 @@
 
 Every ``Settings`` field is a flag (``--max-batch-size 64``) and an environment variable
 (``FAIR_MAX_BATCH_SIZE=64``); flags win. The flags are exported into the environment before uvicorn
-starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN`` is
-environment-only, so the secret never shows up in ``ps``.
+starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN`` and
+``FAIR_API_TOKENS`` are environment-only, so secrets never show up in ``ps``.
 
 With no ``FAIR_REDIS_URL`` the embedded Redis is started here, once, and its socket URL handed to
 every worker. With ``--workers > 1`` Prometheus multiprocess mode is switched on (a temporary
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from service.settings import Settings
 
-ENV_ONLY = {"admin_token"}
+ENV_ONLY = {"admin_token", "api_tokens"}  # secrets: never on a command line (ps shows it)
 
 
 def _flag(name: str) -> str:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fair-serve",
         description="Serve FAIR recommendations over HTTP (FastAPI + Redis + ONNX Runtime). "
         "Every flag is also the environment variable FAIR_<FLAG> (e.g. --max-wait-ms = FAIR_MAX_WAIT_MS); "
-        "the admin token is FAIR_ADMIN_TOKEN only.",
+        "the secrets are environment-only: FAIR_ADMIN_TOKEN, FAIR_API_TOKENS (comma-separated).",
     )
     for name, info in Settings.model_fields.items():
         if name in ENV_ONLY:
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn  # after the environment is final
 
     from service.redis_store import EmbeddedRedis
+    from service.redis_supervisor import RedisSupervisor
 
     # uvicorn re-raises the SIGTERM/SIGINT it shut down on, through the handler that was installed
     # before it started. The default handler would kill us here, before the cleanup below (and
@@ -99,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    embedded = None
+    embedded = supervisor = None
     mp_dir = None
     try:
         if settings.redis_url is None:
             embedded = EmbeddedRedis(settings.data_dir).start()
+            if embedded.proc is not None:  # ours (not one left running on this data dir): supervise it
+                supervisor = RedisSupervisor(embedded, settings.redis_restart_attempts).start()
             os.environ["FAIR_REDIS_URL"] = embedded.url
             print(
                 f"fair-serve: embedded Redis at {embedded.url}, data in {embedded.data_dir}", file=sys.stderr
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fair-serve: {exc}", file=sys.stderr)
         return 1
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if embedded is not None:
             embedded.stop()
         if mp_dir is not None:

@@ -60,6 +60,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
 }
@@ -77,13 +78,19 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "body"
+        # a JSON syntax error's loc is ("body", character offset): the field is the body itself
+        field = "body" if first.get("type") == "json_invalid" else ".".join(loc) or "body"
         metrics.REQUESTS_REJECTED.labels(reason="invalid").inc()
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         return error_response(422, "invalid_request", f"{field}: {first.get('msg', 'invalid')}{more}", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (invalid UTF-8, JSON nested past the parser's depth):
+            # the same answer as any other invalid body, the 422 every route documents.
+            metrics.REQUESTS_REJECTED.labels(reason="invalid").inc()
+            return error_response(422, "invalid_request", f"body: {exc.detail}", "body")
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 

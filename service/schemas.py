@@ -17,13 +17,19 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId
+    # strict: JSON true is not 1, 0 is not false, "5" is not 5 (what the schema says is what is accepted)
     k: int | None = Field(
-        None, ge=1, le=MAX_K, description="number of items to return (default FAIR_DEFAULT_K, 10)"
+        None,
+        ge=1,
+        le=MAX_K,
+        strict=True,
+        description="number of items to return (default FAIR_DEFAULT_K, 10)",
     )
-    exclude_seen: bool = Field(True, description="never recommend an item of the user's history")
+    exclude_seen: bool = Field(True, strict=True, description="never recommend an item of the user's history")
     beam_size: int | None = Field(
         None,
         ge=1,
+        strict=True,
         le=MAX_BEAM_SIZE,
         description="beam width of the constrained search (default FAIR_DEFAULT_BEAM_SIZE); raised to k if smaller",
     )
@@ -72,11 +78,19 @@ class ReadyResponse(BaseModel):
     checks: dict[str, bool]
 
 
+class PublicModelResponse(BaseModel):
+    name: str
+    version: int
+    provider: str
+    loaded_at: str
+    manifest: dict = Field(description="the bundle manifest without its file checksums and file-system paths")
+
+
 class ModelResponse(BaseModel):
     name: str
     version: int
     provider: str
-    path: str
+    path: str = Field(description="the bundle directory")
     loaded_at: str
     manifest: dict = Field(description="the bundle manifest without its file checksums")
 
@@ -84,7 +98,9 @@ class ModelResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int | None = Field(None, ge=1, description="pin a version; default the newest present")
+    version: int | None = Field(
+        None, ge=1, strict=True, description="pin a version; default the newest present"
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -108,12 +124,14 @@ class ErrorResponse(BaseModel):
 def error_responses(*statuses: int) -> dict:
     """OpenAPI ``responses=`` entries for the error statuses a route can return."""
     descriptions = {
-        401: "missing or wrong admin token",
+        401: "missing or wrong bearer token (FAIR_ADMIN_TOKEN on /admin/*, FAIR_API_TOKENS elsewhere)",
+        408: "the request body was not received within FAIR_BODY_TIMEOUT_MS; the connection is closed",
         404: "not found (admin routes: admin disabled, or no such bundle version)",
-        409: "the new bundle failed to load, verify or warm up; the old one keeps serving",
+        409: "reload: the new bundle failed to load, verify or warm up (the old one keeps serving); "
+        "events: the Idempotency-Key was already used with other items",
         413: "request body over FAIR_MAX_BODY_BYTES",
-        422: "invalid request; error.field names the offending field",
-        429: "inference queue full",
+        422: "invalid request (also: a body that is not JSON, a path that is not UTF-8); error.field names the offending field",
+        429: "overloaded: the request could not be answered within its deadline, or the queue is full (Retry-After set)",
         500: "unexpected error",
         503: "Redis unreachable or no model ready (Retry-After set)",
         504: "request deadline (FAIR_REQUEST_TIMEOUT_MS) passed",

@@ -7,10 +7,12 @@ uvicorn worker processes (which only inherit the environment) see exactly what t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The latency objective (p99 of POST /recommend) the request histogram must resolve.
 LATENCY_OBJECTIVE_S = 0.020
@@ -40,7 +42,17 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (metrics add up across them)")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_ms: float = Field(1000.0, gt=0, description="per-request deadline; past it: 504")
+    body_timeout_ms: float = Field(
+        5000.0, gt=0, description="a request body not fully received within this gets 408 (slow clients)"
+    )
     admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; unset = admin off")
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted on /recommend and /users/*; empty = open (the local demo)",
+    )
+    idempotency_ttl_s: int = Field(
+        86400, ge=1, description="how long an Idempotency-Key of POST /users/{id}/events is remembered"
+    )
     log_level: str = "info"
 
     # ---- Redis ----
@@ -51,6 +63,9 @@ class Settings(BaseSettings):
     redis_timeout_ms: float = Field(200.0, gt=0, description="socket timeout of every Redis call")
     redis_max_connections: int = Field(64, ge=1, description="connection pool size per worker process")
     data_dir: Path = Field(Path("data/service"), description="embedded Redis keeps its files here")
+    redis_restart_attempts: int = Field(
+        5, ge=1, description="failed restarts of a dead embedded Redis before /healthz answers 503"
+    )
     history_key_prefix: str = "fair:history:"
     history_max_items: int = Field(200, ge=1, description="each user's list is trimmed to this length")
 
@@ -71,6 +86,24 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="onnxruntime providers in preference order (unavailable ones are skipped)",
     )
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, v):
+        """``FAIR_API_TOKENS=a,b`` as well as a JSON list; blank entries are dropped."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [t.strip() for t in v.split(",") if t.strip()]
+        return v
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
+        if any(len(t.get_secret_value()) < 16 for t in v):
+            raise ValueError("every API token needs at least 16 characters")
+        return v
 
     @field_validator("history_key_prefix")
     @classmethod

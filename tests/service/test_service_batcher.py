@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatcherClosed, Job, QueueFull
+from service.batcher import Batcher, BatcherClosed, Job, Overloaded, QueueFull
 from service.engine import load_engine
 
 
@@ -101,3 +101,32 @@ def test_warm_up_builds_the_item_index(tiny_bundle):
     assert fresh.bundle.table._index is None
     fresh.warm_up(max_batch_size=2, beam_size=4, k=2)
     assert fresh.bundle.table._index is not None
+
+
+def test_admission_refuses_at_once_what_cannot_finish_before_its_deadline(engine):
+    """A burst used to queue until the request deadline and end as 504s after the full wait; now a job
+    whose expected wait (work ahead x measured cost per job) exceeds its time left is refused at once."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=8, max_wait_ms=0, queue_size=10_000)
+        assert batcher.expected_wait_s() == 0.0  # nothing measured yet: nothing refused on a guess
+        await asyncio.gather(*(batcher.submit(_job(engine, loop, n), time_left_s=30.0) for n in range(24)))
+        cost = batcher.job_cost_s
+        assert cost is not None and cost > 0
+
+        burst = [_job(engine, loop, n) for n in range(400)]
+        admitted, refused = [], 0
+        budget = 40 * cost  # room for ~40 jobs' worth of work
+        for job in burst:
+            try:
+                admitted.append(batcher.submit(job, time_left_s=budget))
+            except Overloaded:
+                refused += 1
+        await asyncio.gather(*admitted)
+        await asyncio.to_thread(batcher.close)
+        return len(admitted), refused
+
+    admitted, refused = asyncio.run(run())
+    assert refused > 0 and admitted + refused == 400
+    assert admitted < 400 // 2  # the queue took about what fits into the time left, not everything

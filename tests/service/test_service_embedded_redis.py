@@ -19,5 +19,5 @@ def test_long_data_dir_still_shares_one_server(tmp_path):
         assert first._probe().get("k") == b"v"
     finally:
         first.stop()
-    assert not EmbeddedRedis(data_dir)._answers()
+    assert not EmbeddedRedis(data_dir).answers()
     assert not first.socket_path.parent.exists()  # nothing left in the temporary directory

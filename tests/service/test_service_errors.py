@@ -77,14 +77,15 @@ def test_admin_reload_needs_the_bearer_token(server):
 def test_openapi_lists_every_status_code(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     expected = {
-        ("/recommend", "post"): {"200", "413", "422", "429", "500", "503", "504"},
-        ("/users/{user_id}/events", "post"): {"200", "413", "422", "500", "503", "504"},
+        ("/recommend", "post"): {"200", "408", "413", "422", "429", "500", "503", "504"},
+        ("/users/{user_id}/events", "post"): {"200", "408", "409", "413", "422", "500", "503", "504"},
         ("/users/{user_id}/history", "get"): {"200", "422", "500", "503", "504"},
-        ("/healthz", "get"): {"200", "500"},
+        ("/healthz", "get"): {"200", "500", "503"},
         ("/readyz", "get"): {"200", "500", "503"},
         ("/metrics", "get"): {"200", "500"},
         ("/model", "get"): {"200", "500", "503"},
-        ("/admin/reload", "post"): {"200", "401", "404", "409", "413", "422", "500"},
+        ("/admin/model", "get"): {"200", "401", "500", "503"},
+        ("/admin/reload", "post"): {"200", "401", "404", "408", "409", "413", "422", "500"},
     }
     for (path, method), codes in expected.items():
         assert set(spec["paths"][path][method]["responses"]) == codes, path

@@ -1,5 +1,5 @@
-"""``fair-serve`` as operators run it: two worker processes whose metrics add up, and SIGTERM draining
-requests that are still queued for inference."""
+"""``fair-serve`` as operators run it: two worker processes whose metrics add up, the embedded Redis
+restarted by fair-serve when it dies, and SIGTERM draining requests that are still queued for inference."""
 
 from __future__ import annotations
 
@@ -23,6 +23,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _child_pid(parent: int, name: str) -> int | None:
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                    return int(pid)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def _history_when_up(url: str, user: str) -> list[str]:
+    deadline = time.monotonic() + 20
+    while True:
+        r = httpx.get(f"{url}/users/{user}/history", timeout=10)
+        if r.status_code == 200:
+            return r.json()["item_ids"]
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(0.1)
 
 
 def test_two_workers_sum_metrics_and_sigterm_drains(tiny_bundle):
@@ -61,6 +82,20 @@ def test_two_workers_sum_metrics_and_sigterm_drains(tiny_bundle):
                 assert (
                     sample(m, "fair_request_duration_seconds_count", route="/recommend", status="200") == 40
                 )
+
+            # The embedded Redis dies: fair-serve (not a worker) started it, so fair-serve restarts it
+            # and both workers serve again without a process restart.
+            assert httpx.post(url + "/users/w/events", json={"item_ids": ids[:2]}).status_code == 200
+            time.sleep(1.2)  # the append-only file is fsynced every second
+            redis_pid = _child_pid(proc.pid, "redis-server")
+            os.kill(redis_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while _child_pid(proc.pid, "redis-server") in (None, redis_pid):
+                assert time.monotonic() < deadline, "fair-serve did not restart its Redis"
+                time.sleep(0.1)
+            with ThreadPoolExecutor(8) as pool:  # fresh connections: both workers
+                histories = list(pool.map(lambda _: _history_when_up(url, "w"), range(8)))
+            assert histories == [ids[:2]] * 8
 
             # SIGTERM while requests wait in the batcher (max_wait 1 s): all of them are answered
             with ThreadPoolExecutor(12) as pool:

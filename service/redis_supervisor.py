@@ -1,0 +1,90 @@
+"""Supervision of the embedded redis-server: notice that it died, log it, restart it, or say we can't.
+
+The service starts the embedded server itself (``EmbeddedRedis``), so nobody else will notice when it
+dies: without supervision every request answers 503 until a human restarts the service, the dead
+child stays a zombie, and ``/healthz`` keeps saying the process is fine. ``RedisSupervisor`` is a
+daemon thread that checks the child every ``check_s`` (``Popen.poll``, which also reaps it), logs an
+ERROR, and restarts it on the same data directory (the AOF replays every acknowledged write but at
+most the last second's) with exponential backoff. After ``max_attempts`` failed starts in a row it
+writes ``EmbeddedRedis.failed_marker``, logs CRITICAL, and ``/healthz`` of every worker answers 503,
+so an orchestrator restarts the whole service; it keeps trying meanwhile and removes the marker when
+a start succeeds. Only state changes are logged (down, restarted, given up), never one line per check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from service.redis_store import EmbeddedRedis
+
+log = logging.getLogger("fair.redis")
+
+FIRST_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 5.0
+
+
+class RedisSupervisor:
+    def __init__(self, embedded: EmbeddedRedis, max_attempts: int = 5, check_s: float = 0.5):
+        self.embedded, self.max_attempts, self.check_s = embedded, max_attempts, check_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fair-redis-supervisor", daemon=True)
+        self.restarts = 0  # successful restarts so far (tests and logs read it)
+
+    def start(self) -> RedisSupervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop supervising (before the service stops the server itself, so that is not a 'crash')."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _alive(self) -> bool:
+        proc = self.embedded.proc
+        if proc is None:  # we reused a server someone else started: all we can do is ask it
+            return self.embedded.answers()
+        return proc.poll() is None  # poll() also reaps a dead child (no zombie)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.check_s):
+            if self._alive():
+                continue
+            proc = self.embedded.proc
+            code = proc.returncode if proc is not None else None
+            log.error(
+                "embedded redis-server %s exited (code %s); restarting it on %s",
+                f"pid {proc.pid}" if proc is not None else "(not ours)",
+                code,
+                self.embedded.data_dir,
+            )
+            self._restart()
+
+    def _restart(self) -> None:
+        down_at, backoff, failures = time.monotonic(), FIRST_BACKOFF_S, 0
+        while not self._stop.is_set():
+            self.embedded.proc = None  # the dead one: start() must not try to stop or reuse it
+            try:
+                self.embedded.start()
+            except Exception as exc:  # any failure to start is retried; the reason is logged once per try
+                failures += 1
+                log.error("restarting embedded redis-server failed (attempt %d): %s", failures, exc)
+                if failures == self.max_attempts:
+                    self.embedded.mark_failed(f"{failures} restarts failed; last: {exc}")
+                    log.critical(
+                        "embedded redis-server could not be restarted %d times; /healthz now answers 503 "
+                        "so an orchestrator restarts the service (still retrying every %.0f s)",
+                        failures,
+                        MAX_BACKOFF_S,
+                    )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            self.restarts += 1
+            log.warning(
+                "embedded redis-server restarted (pid %s) after %.1f s down",
+                self.embedded.proc.pid if self.embedded.proc is not None else "?",
+                time.monotonic() - down_at,
+            )
+            return

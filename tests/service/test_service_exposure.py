@@ -1,0 +1,109 @@
+"""What the service tells strangers and what it lets them hold: no internal paths or addresses in public
+answers, optional API tokens on the data plane, a deadline on reading a request body."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+
+import httpx
+from service_testlib import ADMIN_TOKEN, LiveServer, make_settings
+
+from service.redis_store import EmbeddedRedis
+
+API_TOKEN = "data-plane-token-0123456789"
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_model_info_shows_no_file_paths_except_to_the_admin(server, tiny_bundle):
+    public = httpx.get(server.url + "/model").json()
+    assert "path" not in public
+    leaked = [s for s in _strings(public) if s.startswith("/") or str(tiny_bundle.model_dir) in s]
+    assert not leaked, leaked
+    assert public["manifest"]["source"]["checkpoint_sha256"]  # what is not a path stays
+
+    assert httpx.get(server.url + "/admin/model").status_code == 401
+    admin = httpx.get(server.url + "/admin/model", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert admin["path"] == str(tiny_bundle.model_dir / "1")
+    assert admin["manifest"]["source"]["checkpoint"].startswith("/")
+
+
+def test_redis_outage_answers_do_not_name_its_address(tiny_bundle):
+    with tempfile.TemporaryDirectory(prefix="fair-exp-") as data_dir:
+        redis_server = EmbeddedRedis(data_dir).start()
+        settings = make_settings(tiny_bundle, {"redis_url": redis_server.url}, redis_timeout_ms=100)
+        with LiveServer(settings) as live:
+            redis_server.stop()
+            answers = [
+                httpx.post(live.url + "/recommend", json={"user_id": "u"}),
+                httpx.post(live.url + "/users/u/events", json={"item_ids": ["a"]}),
+                httpx.get(live.url + "/users/u/history"),
+            ]
+            for r in answers:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable"
+                assert str(redis_server.socket_path) not in r.text and "redis.sock" not in r.text, r.text
+                assert data_dir not in r.text
+
+
+def test_api_tokens_guard_the_data_plane(tiny_bundle, redis_settings):
+    settings = make_settings(tiny_bundle, redis_settings, api_tokens=[API_TOKEN, "second-token-abcdefgh"])
+    with LiveServer(settings) as live:
+        ok = {"Authorization": f"Bearer {API_TOKEN}"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN}):
+            for r in (
+                httpx.post(live.url + "/recommend", json={"user_id": "t"}, headers=headers),
+                httpx.post(live.url + "/users/t/events", json={"item_ids": ["a"]}, headers=headers),
+                httpx.get(live.url + "/users/t/history", headers=headers),
+            ):
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+                assert r.json()["error"]["code"] == "unauthorized"
+        ids = tiny_bundle.dataset.item_ids[:2]
+        assert (
+            httpx.post(live.url + "/users/t/events", json={"item_ids": list(ids)}, headers=ok).status_code
+            == 200
+        )
+        second = {"Authorization": "Bearer second-token-abcdefgh"}
+        assert httpx.get(live.url + "/users/t/history", headers=second).json()["item_ids"] == list(ids)
+        assert httpx.post(live.url + "/recommend", json={"user_id": "t"}, headers=ok).status_code == 200
+        # probes and metrics stay open for the orchestrator and Prometheus; the admin keeps its own token
+        for path in ("/healthz", "/readyz", "/metrics", "/model"):
+            assert httpx.get(live.url + path).status_code == 200, path
+        assert httpx.post(live.url + "/admin/reload", headers=ok).status_code == 401
+        spec = httpx.get(live.url + "/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["apiToken"]["scheme"] == "bearer"
+        assert spec["paths"]["/recommend"]["post"]["security"] == [{"apiToken": []}]
+        assert "401" in spec["paths"]["/users/{user_id}/history"]["get"]["responses"]
+
+
+def test_a_body_that_never_finishes_gets_408_and_the_connection_closed(tiny_bundle, redis_settings):
+    settings = make_settings(tiny_bundle, redis_settings, body_timeout_ms=500)
+    with LiveServer(settings) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"user_id": '
+            )
+            t0 = time.monotonic()
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                received += chunk
+            took = time.monotonic() - t0
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), received
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+        assert 0.4 < took < 5, took
+        # a complete request on a new connection is unaffected
+        assert httpx.post(live.url + "/recommend", json={"user_id": "fast"}).status_code == 200
