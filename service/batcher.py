@@ -13,8 +13,9 @@ while jobs already queued finish on the one their request started with.
 Admission: a job that cannot be answered before its deadline is refused at once (``Overloaded`` ->
 429 + Retry-After) instead of queueing until the deadline passes (504, after the client waited the
 full deadline for nothing). The expected wait is the work ahead of it (queued jobs + the batch in
-progress) times the measured cost of one job in a full batch (an exponential average over recent
-batches), so under a burst the queue holds what the service can answer in time and sheds the rest.
+progress) times the measured cost of one job (an exponential average over recent batches), plus the
+measured delay of the event loop in handing results back (a loop busy with a burst's HTTP work
+delivers late), so under a burst the queue holds what the service can answer in time.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Batcher:
         self._closed = False
         # seconds of worker time per job, measured on batches; None until the first batch ran
         self.job_cost_s: float | None = None
+        # how long a finished batch waits for the event loop to hand its results over (busy loop)
+        self.delivery_lag_s = 0.0
         self._in_progress = 0  # jobs of the batch the worker is running now
         self._thread = threading.Thread(target=self._run, name="fair-inference", daemon=True)
         self._thread.start()
@@ -95,7 +98,7 @@ class Batcher:
         """How long a job submitted now would wait before its batch is done (0 before any measurement)."""
         if self.job_cost_s is None:
             return 0.0
-        return (self._queue.qsize() + self._in_progress + 1) * self.job_cost_s
+        return (self._queue.qsize() + self._in_progress + 1) * self.job_cost_s + self.delivery_lag_s
 
     def submit(self, job: Job, time_left_s: float | None = None) -> asyncio.Future:
         """Enqueue without blocking; raises ``QueueFull`` (queue at capacity), ``Overloaded`` (the
@@ -182,6 +185,12 @@ class Batcher:
             self._in_progress = 0
         self._record_cost((time.perf_counter() - start) / len(live))
 
+    def _record_delivery_lag(self, lag_s: float) -> None:
+        """Runs on the event loop. Rises at once (a burst is happening now), decays over ~10 batches."""
+        self.delivery_lag_s = max(
+            lag_s, self.delivery_lag_s + COST_EWMA_WEIGHT * (lag_s - self.delivery_lag_s)
+        )
+
     def _record_cost(self, per_job_s: float) -> None:
         """Update the per-job cost average. A quiet service runs small batches, which cost more per
         job than full ones: the estimate errs high while nothing waits (harmless, waits are short) and
@@ -191,8 +200,7 @@ class Batcher:
         else:
             self.job_cost_s += COST_EWMA_WEIGHT * (per_job_s - self.job_cost_s)
 
-    @staticmethod
-    def _run_engine(engine: Engine, jobs: list[Job]) -> None:
+    def _run_engine(self, engine: Engine, jobs: list[Job]) -> None:
         try:
             t0 = time.perf_counter()
             scores = engine.forward([j.history for j in jobs])
@@ -221,7 +229,7 @@ class Batcher:
             else:
                 by_loop[id(job.loop)].append((job, results[i]))
         for done in by_loop.values():
-            _deliver_all(done)
+            _deliver_all(done, self._record_delivery_lag)
 
 
 def _search_group(
@@ -264,11 +272,15 @@ def _deliver(job: Job, result: JobResult | None = None, exc: BaseException | Non
         job.loop.call_soon_threadsafe(_set)
 
 
-def _deliver_all(done: list[tuple[Job, JobResult]]) -> None:
+def _deliver_all(done: list[tuple[Job, JobResult]], record_lag=None) -> None:
     """Resolve a batch's futures (all on one loop) with one ``call_soon_threadsafe``: each call
-    wakes the event loop through its self-pipe, which per request cost more than setting the result."""
+    wakes the event loop through its self-pipe, which per request cost more than setting the result.
+    ``record_lag`` gets how long the loop took to run the hand-over (it is busy under a burst)."""
+    scheduled = time.perf_counter()
 
     def _set_all() -> None:
+        if record_lag is not None:
+            record_lag(time.perf_counter() - scheduled)
         for job, result in done:
             if not job.future.done():  # cancelled by a timeout meanwhile
                 job.future.set_result(result)
