@@ -52,9 +52,20 @@ BATCH_SIZE = Histogram("fair_batch_size", "Requests per inference batch", bucket
 QUEUE_DEPTH = Gauge(
     "fair_queue_depth", "Requests waiting for the inference worker", multiprocess_mode="livesum"
 )
+REJECT_REASONS = (
+    "overloaded",
+    "queue_full",
+    "timeout",
+    "body_timeout",
+    "body_too_large",
+    "invalid",
+    "redis_unavailable",
+    "no_model",
+)
 REQUESTS_REJECTED = Counter(
     "fair_requests_rejected_total",
-    "Requests refused, by reason (queue_full, timeout, body_too_large, invalid, redis_unavailable, no_model)",
+    "Requests refused, by reason (overloaded, queue_full, timeout, body_timeout, body_too_large, invalid, "
+    "redis_unavailable, no_model)",
     ["reason"],
 )
 FALLBACK = Counter(
@@ -92,7 +103,7 @@ def init_series() -> None:
     """Create the labelled children we know of, so every series is visible before its first event."""
     for stage in STAGES:
         STAGE_DURATION.labels(stage=stage)
-    for reason in ("queue_full", "timeout", "body_too_large", "invalid", "redis_unavailable", "no_model"):
+    for reason in REJECT_REASONS:
         REQUESTS_REJECTED.labels(reason=reason)
     for reason in ("unknown_user", "no_known_items"):
         FALLBACK.labels(reason=reason)
