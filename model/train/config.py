@@ -35,6 +35,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
+    item_id_weight_decay: float = 0.0  # decoupled decay of the item-ID table (other embeddings: none)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 200
     max_steps: int = 20000  # length of the cosine schedule; training stops here at the latest

@@ -131,11 +131,23 @@ class Trainer:
             if self.dist.enabled
             else None
         )
-        decay, no_decay = [], []
+        # Matrices decay; embeddings, norms and biases do not, except the item-ID table when asked:
+        # it is the one embedding with a row per item, most rows trained on a handful of interactions.
+        # (A third group only when that decay is on, so checkpoints of two-group runs still resume.)
+        decay, no_decay, item_ids = [], [], []
         for name, p in self.model.named_parameters():
-            (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+            if name.startswith("item_emb.") and t.item_id_weight_decay > 0:
+                item_ids.append(p)
+            else:
+                (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if item_ids:
+            groups.append({"params": item_ids, "weight_decay": t.item_id_weight_decay})
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=t.lr,
             betas=tuple(t.betas),
         )

@@ -109,3 +109,18 @@ def test_a_one_token_checkpoint_with_the_old_unused_level_table_still_loads(tmp_
     save_checkpoint(tmp_path / "old.pt", untrained_checkpoint(state, cfg.to_dict(), "0" * 64, {}))
     model, _ = load_model(tmp_path / "old.pt")
     assert model.level_emb is None and model.cfg.item_tokens == "item"
+
+
+def test_item_id_weight_decay_shrinks_only_the_item_id_table(synth, tmp_path):
+    """train.item_id_weight_decay decays the item-ID rows (the embedding with one row per item); the
+    default leaves every embedding undecayed, as before the key existed."""
+    spec, sid = synth
+    runs = {}
+    for wd in (0.0, 50.0):
+        out = tmp_path / f"wd{wd:g}"
+        assert _train(spec, sid, out, "--stop-at-step", "6", "--set", f"train.item_id_weight_decay={wd}") == 0
+        runs[wd] = read_checkpoint(out / "checkpoint.pt")
+    norm = {wd: ckpt["model"]["item_emb.weight"].norm().item() for wd, ckpt in runs.items()}
+    assert norm[50.0] < 0.7 * norm[0.0], norm
+    assert len(runs[0.0]["optimizer"]["param_groups"]) == 2  # old two-group checkpoints still resume
+    assert [g["weight_decay"] for g in runs[50.0]["optimizer"]["param_groups"]][-1] == 50.0
