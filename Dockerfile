@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # Images of the FAIR recommendation service, one Dockerfile, several targets:
 #
 #   docker build -t fair-rec .                               # runtime (default): CPU serving, no torch
@@ -8,7 +6,13 @@
 #
 # Build arguments: PYTHON_IMAGE (CPU bases), CUDA_IMAGE (GPU serving base; CUDA 12 + cuDNN 9 is what the
 # onnxruntime-gpu wheels on PyPI are built for), TORCH_INDEX_URL (CPU wheels by default; a CUDA index such
-# as https://download.pytorch.org/whl/cu126 for GPU training).
+# as https://download.pytorch.org/whl/cu126 for GPU training; empty: PyPI only), and for builds without
+# that index (train target): WHEELHOUSE_URL (a pip --find-links page holding the torch wheel) and
+# TORCH_REQUIREMENT (e.g. torch==2.13.0+cpu: pip must take exactly that build, never PyPI's CUDA one).
+# Without an image registry: deploy/offline/ and docker-compose.offline.yml (docs/operations.md).
+#
+# No `# syntax=` line on purpose: it makes BuildKit pull its frontend image from Docker Hub, which
+# machines without registry access cannot do. Nothing here needs more than the built-in frontend.
 #
 # The serving images hold the serving core only (the package's default dependencies): they never
 # contain torch, so they stay small and start fast. Every image runs as the unprivileged user 10001.
@@ -48,8 +52,12 @@ WORKDIR /home/fair
 # `torchrun --no_python --nproc_per_node N fair-train ...` (see deploy/k8s/training-job.yaml).
 FROM base AS train
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG WHEELHOUSE_URL=
+ARG TORCH_REQUIREMENT=
 COPY --from=build /wheels /wheels
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /wheels/*.whl)[train]" \
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        ${WHEELHOUSE_URL:+--find-links "$WHEELHOUSE_URL"} \
+        "$(ls /wheels/*.whl)[train]" ${TORCH_REQUIREMENT:+"$TORCH_REQUIREMENT"} \
     && rm -rf /wheels
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
