@@ -60,6 +60,16 @@ def test_bootstrap_is_one_shot_and_builds_into_the_shared_bundle_volume():
     assert boot["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_bootstrap_loads_the_histories_only_once():
+    # `fair-demo load` replaces the demo users' lists: on every `up` it would drop the events stored since
+    boot = load_compose()["services"]["bootstrap"]
+    entry = boot["entrypoint"]
+    mounts = {m.split(":")[0]: m.split(":")[1] for m in boot["volumes"]}
+    script = entry[-1]
+    assert entry[0] == "python" and script.startswith(mounts["./deploy/compose"] + "/")
+    assert (DEPLOY / "compose" / script.rsplit("/", 1)[1]).is_file()
+
+
 def test_api_waits_for_healthy_redis_and_finished_bootstrap():
     services = load_compose()["services"]
     api = services["api"]
