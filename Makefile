@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint run tools clean
+.PHONY: install test lint run tools clean stack-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,13 @@ tools:
 	else \
 	  echo "make tools: WARNING: no promtool/prometheus and no apt-get: put Prometheus 2.x (promtool, prometheus) on PATH, or the monitoring checks of tests/deploy fail"; \
 	fi
+
+# The container stack started for real (not part of `make test`, needs root or passwordless sudo):
+# installs and starts a Docker engine when missing, builds every image from a Debian mirror and PyPI
+# (no image registry; deploy/offline/), runs `docker compose up` with docker-compose.offline.yml and
+# checks it through HTTP. STACK_TEST_ARGS=--keep leaves it running; see --help.
+stack-test: install
+	$(BIN)/python deploy/offline/stack_test.py $(STACK_TEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
