@@ -15,7 +15,7 @@ import math
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -242,8 +242,10 @@ def _lifespan(state: AppState):
 # ---- middleware -------------------------------------------------------------------------------------
 class RequestMiddleware:
     """Request-duration metrics by route template + status, and what every request must respect
-    before a route sees it: the body size limit (413), the body-read deadline (408) and a path that
-    is valid UTF-8 (422).
+    before a route sees it: the body size limit (413), the body-read deadline (408), a path that
+    is valid UTF-8 (422), and shedding load (429) when ``shed(scope)`` says the request cannot be
+    answered in time: before its body is read and validated, so under a burst a refused request
+    costs the event loop as little as possible.
 
     Pure ASGI (no BaseHTTPMiddleware): no extra task per request, and the body is counted as it
     streams, so a chunked upload without Content-Length is cut off at the limit too. A client that
@@ -251,9 +253,16 @@ class RequestMiddleware:
     ``body_timeout_s`` it gets 408 and the connection is closed.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, routes_of: FastAPI):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        routes_of: FastAPI,
+        shed: Callable[[Scope], str | None],
+    ):
         self.app, self.max_body_bytes, self.routes_of = app, max_body_bytes, routes_of
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.shed = body_timeout_s, shed
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -286,6 +295,11 @@ class RequestMiddleware:
                 resp = errors.error_response(
                     422, "invalid_request", "path: percent-encoded bytes are not valid UTF-8", "path"
                 )
+                await resp(scope, receive, send_wrapper)
+                return
+            if (reason := self.shed(scope)) is not None:
+                metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
+                resp = errors.error_response(429, "overloaded", reason, headers={"Retry-After": "1"})
                 await resp(scope, receive, send_wrapper)
                 return
             length = dict(scope["headers"]).get(b"content-length")
@@ -335,13 +349,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fair = state
     errors.install(app)
+    timeout_s = settings.request_timeout_ms / 1000.0
+
+    def shed(scope: Scope) -> str | None:
+        """A /recommend that would wait longer than the whole deadline: refuse before parsing it."""
+        if scope["path"] != "/recommend" or state.batcher is None:
+            return None
+        wait = state.batcher.expected_wait_s()
+        if wait <= timeout_s:
+            return None
+        return f"overloaded: expected wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:g} ms deadline"
+
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_ms / 1000.0,
         routes_of=app,
+        shed=shed,
     )
-    timeout_s = settings.request_timeout_ms / 1000.0
     data_plane = (
         [Depends(_bearer_check(settings.api_tokens, "apiToken", "FAIR_API_TOKENS"))]
         if settings.api_tokens

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -77,6 +78,8 @@ _STOP = object()
 
 # Weight of the newest batch in the per-job cost average: ~the last 10 batches count.
 COST_EWMA_WEIGHT = 0.1
+# Time constant (s) over which a measured event-loop hand-over delay stops counting.
+LAG_DECAY_S = 0.5
 
 
 class Batcher:
@@ -89,16 +92,21 @@ class Batcher:
         self.job_cost_s: float | None = None
         # how long a finished batch waits for the event loop to hand its results over (busy loop)
         self.delivery_lag_s = 0.0
+        self._lag_at = time.perf_counter()  # when delivery_lag_s was measured (it decays with time)
         self._in_progress = 0  # jobs of the batch the worker is running now
         self._thread = threading.Thread(target=self._run, name="fair-inference", daemon=True)
         self._thread.start()
 
     # ---- event-loop side ----
     def expected_wait_s(self) -> float:
-        """How long a job submitted now would wait before its batch is done (0 before any measurement)."""
-        if self.job_cost_s is None:
+        """How long a job submitted now would wait before its batch is done. 0 before any measurement
+        and whenever nothing is ahead of it: an idle service never refuses (a stale, high estimate
+        must not lock it into refusing everything, which would also stop it from measuring anew)."""
+        ahead = self._queue.qsize() + self._in_progress
+        if self.job_cost_s is None or ahead == 0:
             return 0.0
-        return (self._queue.qsize() + self._in_progress + 1) * self.job_cost_s + self.delivery_lag_s
+        lag = self.delivery_lag_s * math.exp(-(time.perf_counter() - self._lag_at) / LAG_DECAY_S)
+        return (ahead + 1) * self.job_cost_s + lag
 
     def submit(self, job: Job, time_left_s: float | None = None) -> asyncio.Future:
         """Enqueue without blocking; raises ``QueueFull`` (queue at capacity), ``Overloaded`` (the
@@ -186,10 +194,9 @@ class Batcher:
         self._record_cost((time.perf_counter() - start) / len(live))
 
     def _record_delivery_lag(self, lag_s: float) -> None:
-        """Runs on the event loop. Rises at once (a burst is happening now), decays over ~10 batches."""
-        self.delivery_lag_s = max(
-            lag_s, self.delivery_lag_s + COST_EWMA_WEIGHT * (lag_s - self.delivery_lag_s)
-        )
+        """Runs on the event loop. The newest measurement counts; it fades with time (LAG_DECAY_S), so
+        a burst's lag stops counting soon after the burst, even if no batch runs to measure it again."""
+        self.delivery_lag_s, self._lag_at = lag_s, time.perf_counter()
 
     def _record_cost(self, per_job_s: float) -> None:
         """Update the per-job cost average. A quiet service runs small batches, which cost more per

@@ -130,3 +130,22 @@ def test_admission_refuses_at_once_what_cannot_finish_before_its_deadline(engine
     admitted, refused = asyncio.run(run())
     assert refused > 0 and admitted + refused == 400
     assert admitted < 400 // 2  # the queue took about what fits into the time left, not everything
+
+
+def test_an_idle_batcher_never_refuses_even_after_a_pathological_measurement(engine):
+    """A stale, huge estimate (one batch stalled by the machine) must not lock the service into refusing
+    everything: with nothing ahead, a job is admitted, and its batch measures the cost anew."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=8, max_wait_ms=0, queue_size=64)
+        await batcher.submit(_job(engine, loop, 0), time_left_s=30.0)
+        await asyncio.sleep(0.2)  # the worker finishes its bookkeeping after handing the result over
+        batcher.job_cost_s = 100.0  # as if the last batch had taken 100 s per job
+        batcher.delivery_lag_s = 100.0
+        result = await batcher.submit(_job(engine, loop, 1), time_left_s=0.001)
+        await asyncio.to_thread(batcher.close)
+        return result, batcher.job_cost_s
+
+    result, cost = asyncio.run(run())
+    assert len(result.items) > 0 and cost < 100.0

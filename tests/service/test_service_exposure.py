@@ -3,14 +3,17 @@ answers, optional API tokens on the data plane, a deadline on reading a request 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import tempfile
 import time
 
 import httpx
+import numpy as np
 from service_testlib import ADMIN_TOKEN, LiveServer, make_settings
 
+from service.batcher import Job
 from service.redis_store import EmbeddedRedis
 
 API_TOKEN = "data-plane-token-0123456789"
@@ -107,3 +110,40 @@ def test_a_body_that_never_finishes_gets_408_and_the_connection_closed(tiny_bund
         assert 0.4 < took < 5, took
         # a complete request on a new connection is unaffected
         assert httpx.post(live.url + "/recommend", json={"user_id": "fast"}).status_code == 200
+
+
+def test_an_overloaded_service_refuses_recommend_before_reading_the_body(tiny_bundle, redis_settings):
+    """With more inference work queued than the deadline allows, /recommend gets 429 at once: the body is
+    not even parsed (an invalid one gets 429, not 422), so refusing costs the event loop little."""
+    settings = make_settings(
+        tiny_bundle, redis_settings, request_timeout_ms=1000, max_batch_size=1, queue_size=20_000
+    )
+    with LiveServer(settings) as live:
+        ids = tiny_bundle.dataset.item_ids
+        assert (
+            httpx.post(live.url + "/recommend", json={"user_id": "w", "history": ids[:3]}).status_code == 200
+        )
+        batcher, engine = live.state.batcher, live.state.engine
+        assert httpx.post(live.url + "/recommend", json={"no": "user id"}).status_code == 422  # idle: parsed
+        # A backlog of real jobs (as a burst leaves behind), queued straight into the service's batcher.
+        loop = asyncio.new_event_loop()
+        history = np.arange(5, dtype=np.int64)
+        backlog = round(3.0 / batcher.job_cost_s)  # ~3 s of measured work, three deadlines
+        for n in range(min(backlog, 19_000)):
+            batcher.submit(Job(engine, f"b{n}", history, None, 10, 10, loop.create_future(), loop))
+        try:
+            assert batcher.expected_wait_s() > 1.0
+            r = httpx.post(live.url + "/recommend", json={"no": "user id"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["code"] == "overloaded"
+            # other routes are not inference-bound and stay served
+            assert httpx.get(live.url + "/users/w/history").status_code == 200
+        finally:
+            deadline = time.monotonic() + 60
+            while batcher.depth and time.monotonic() < deadline:  # let the backlog drain
+                time.sleep(0.1)
+            loop.close()
+        time.sleep(0.2)
+        assert (
+            httpx.post(live.url + "/recommend", json={"user_id": "w", "history": ids[:3]}).status_code == 200
+        )
