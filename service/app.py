@@ -243,9 +243,9 @@ def _lifespan(state: AppState):
 class RequestMiddleware:
     """Request-duration metrics by route template + status, and what every request must respect
     before a route sees it: the body size limit (413), the body-read deadline (408), a path that
-    is valid UTF-8 (422), and shedding load (429) when ``shed(scope)`` says the request cannot be
-    answered in time: before its body is read and validated, so under a burst a refused request
-    costs the event loop as little as possible.
+    is valid UTF-8 (422), the data-plane token (401, when ``FAIR_API_TOKENS`` is set), and shedding
+    load (429) when ``shed(scope)`` says the request cannot be answered in time: all before the body
+    is read and validated, so a refused request costs the event loop as little as possible.
 
     Pure ASGI (no BaseHTTPMiddleware): no extra task per request, and the body is counted as it
     streams, so a chunked upload without Content-Length is cut off at the limit too. A client that
@@ -260,9 +260,10 @@ class RequestMiddleware:
         body_timeout_s: float,
         routes_of: FastAPI,
         shed: Callable[[Scope], str | None],
+        authorized: Callable[[Scope], bool],
     ):
         self.app, self.max_body_bytes, self.routes_of = app, max_body_bytes, routes_of
-        self.body_timeout_s, self.shed = body_timeout_s, shed
+        self.body_timeout_s, self.shed, self.authorized = body_timeout_s, shed, authorized
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -296,6 +297,9 @@ class RequestMiddleware:
                     422, "invalid_request", "path: percent-encoded bytes are not valid UTF-8", "path"
                 )
                 await resp(scope, receive, send_wrapper)
+                return
+            if not self.authorized(scope):  # before the body: strangers get nothing parsed
+                await _unauthorized("FAIR_API_TOKENS").to_response()(scope, receive, send_wrapper)
                 return
             if (reason := self.shed(scope)) is not None:
                 metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
@@ -360,12 +364,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return None
         return f"overloaded: expected wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:g} ms deadline"
 
+    api_secrets = [t.get_secret_value().encode() for t in settings.api_tokens]
+
+    def authorized(scope: Scope) -> bool:
+        path = scope["path"]
+        if not api_secrets or (path != "/recommend" and not path.startswith("/users/")):
+            return True
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and _token_matches(given.strip(), api_secrets)
+
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_ms / 1000.0,
         routes_of=app,
         shed=shed,
+        authorized=authorized,
     )
     data_plane = (
         [Depends(_bearer_check(settings.api_tokens, "apiToken", "FAIR_API_TOKENS"))]
@@ -475,9 +489,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await _redis_call(write, timeout_s)
         except IdempotencyConflict as exc:
             raise ServiceError(409, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
+        replayed = result.replayed and idempotency_key is not None  # not for the client library's own retry
         return JSONResponse(
             EventsResponse(user_id=user_id, history_length=result.length).model_dump(),
-            headers={"Idempotent-Replayed": "true"} if result.replayed else None,
+            headers={"Idempotent-Replayed": "true"} if replayed else None,
         )
 
     @app.get(
@@ -498,8 +513,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me)",
     )
     async def healthz() -> HealthResponse:
-        if state.embedded is not None and (reason := state.embedded.failure()) is not None:
-            raise ServiceError(503, "redis_failed", f"embedded Redis could not be restarted: {reason}")
+        if state.embedded is not None and state.embedded.failure() is not None:
+            # the reason (with file paths) is in the log and in FAIR_DATA_DIR/redis.failed, not here
+            raise ServiceError(
+                503, "redis_failed", "the embedded Redis died and could not be restarted; see the service log"
+            )
         return HealthResponse()
 
     @app.get(
@@ -560,14 +578,22 @@ def _bearer_check(tokens, scheme_name: str, setting: str):
     # a default, not Annotated[...]: this module's annotations are strings, and ``bearer`` is local
     def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         given = credentials.credentials.encode() if credentials is not None else b""
-        # every token is compared (no early exit), so timing does not tell which one nearly matched
-        if not sum(hmac.compare_digest(given, t) for t in secrets):
-            raise ServiceError(
-                401, "unauthorized", f"this route needs Authorization: Bearer <a token of {setting}>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+        if not _token_matches(given, secrets):
+            raise _unauthorized(setting)
 
     return check
+
+
+def _token_matches(given: bytes, secrets: list[bytes]) -> bool:
+    # every token is compared (no early exit), so timing does not tell which one nearly matched
+    return bool(sum(hmac.compare_digest(given, t) for t in secrets))
+
+
+def _unauthorized(setting: str) -> ServiceError:
+    return ServiceError(
+        401, "unauthorized", f"this route needs Authorization: Bearer <a token of {setting}>",
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
 
 
 def _auth(settings: Settings) -> tuple[int, ...]:

@@ -35,6 +35,9 @@ class ServiceError(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
         self.headers = headers or {}
 
+    def to_response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.field, self.headers)
+
 
 def unavailable(code: str, message: str) -> ServiceError:
     """503 with Retry-After: the condition (Redis down, no model yet) is expected to pass."""
@@ -71,7 +74,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+        return exc.to_response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -63,15 +63,20 @@ PING_SLOTS = 2
 # library's retries inside one request (bounded by the request deadline).
 SERVER_TOKEN_TTL_S = 120
 
-# KEYS[1] the history list, KEYS[2] the token's dedupe key. ARGV: ttl seconds, max items, fingerprint
-# of the items, the items. Returns {1 if applied now else 0, the recorded "fingerprint:length"}.
+# An outage is logged as over once Redis has answered without a failure for this long.
+RECOVERY_QUIET_S = 1.0
+
+# KEYS[1] the history list, KEYS[2] (optional) the token's dedupe key. ARGV: ttl seconds, max items,
+# fingerprint of the items, the items. Returns {1 if applied now else 0, the recorded "fingerprint:length"}.
 _APPEND_ONCE = """
-local seen = redis.call('GET', KEYS[2])
-if seen then return {0, seen} end
+if KEYS[2] then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return {0, seen} end
+end
 redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 local answer = ARGV[3] .. ':' .. redis.call('LLEN', KEYS[1])
-redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[1]))
+if KEYS[2] then redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[1])) end
 return {1, answer}
 """
 
@@ -175,7 +180,10 @@ class HistoryStore:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._ping_slots = asyncio.Semaphore(PING_SLOTS)  # readiness never waits behind traffic
         # Outages are logged when they start and end, not once per failed request (thousands a second).
+        # "Ended" means no failure for RECOVERY_QUIET_S: a Redis that fails every other call (a cluster
+        # with one shard down, intermittent timeouts) is one long outage, not an ERROR per request.
         self._down_since: float | None = None
+        self._last_failure = 0.0
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -199,18 +207,24 @@ class HistoryStore:
         client-library retry of this very call (after a timeout whose first copy did reach Redis)
         is still applied once. Raises ``IdempotencyConflict`` when ``token`` was used with other items.
         """
+        client_token = token is not None
         if token is None:
             token, ttl_s = uuid.uuid4().hex, SERVER_TOKEN_TTL_S
         key = self.key(user_id)
-        idem = dedupe_key(key, token)
-        if self.cluster and key_slot(idem.encode()) != key_slot(key.encode()):
-            # only a user id with a "}" but no hash tag; one slot for both keys is then impossible
-            raise IdempotencyConflict("this user id cannot carry an idempotency key on a Redis Cluster")
+        keys = [key, dedupe_key(key, token)]
+        if self.cluster and key_slot(keys[1].encode()) != key_slot(key.encode()):
+            # Only a user id with a "}" but no hash tag: its dedupe key cannot share its slot.
+            if client_token:
+                raise IdempotencyConflict(
+                    "this user id cannot carry an Idempotency-Key on a Redis Cluster (it contains '}' "
+                    "without a {hash tag}); send the write without the header"
+                )
+            keys = [key]  # written without a dedupe record: a client-library retry could duplicate it
         fingerprint = items_fingerprint(item_ids)
         try:
             async with self._slots:
                 applied, answer = await self.client.eval(
-                    _APPEND_ONCE, 2, key, idem, int(ttl_s), self.max_items, fingerprint, *item_ids
+                    _APPEND_ONCE, len(keys), *keys, int(ttl_s), self.max_items, fingerprint, *item_ids
                 )
         except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
@@ -237,15 +251,20 @@ class HistoryStore:
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         metrics.REDIS_ERRORS.inc()
         detail = f"{type(exc).__name__}: {exc}"
+        self._last_failure = time.monotonic()
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            self._down_since = self._last_failure
             log.error("redis unavailable (requests answer 503 until it is back): %s", detail)
         return StoreUnavailable(f"redis unavailable: {detail}")
 
     def _answered(self) -> None:
         if self._down_since is not None:
-            log.warning("redis answering again after %.1f s unavailable", time.monotonic() - self._down_since)
-            self._down_since = None
+            now = time.monotonic()
+            if now - self._last_failure >= RECOVERY_QUIET_S:
+                log.warning(
+                    "redis answering again after %.1f s unavailable", self._last_failure - self._down_since
+                )
+                self._down_since = None
 
 
 # ---- embedded server --------------------------------------------------------------------------------
@@ -295,6 +314,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._make_socket_dir()
         if self.answers():  # a server for this data dir is already up (the service's): share it
+            self.failed_marker.unlink(missing_ok=True)  # it answers, so a marker left behind is stale
             log.info("embedded redis already running at %s; reusing it", self.url)
             return self
         self.socket_path.unlink(missing_ok=True)
@@ -312,7 +332,11 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # Own session: a Ctrl-C in the terminal goes to fair-serve, which drains and then stops Redis
+        # itself; Redis must not get the SIGINT too and die while requests are still being answered.
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         client = self._probe()
         try:

@@ -5,14 +5,16 @@ dies: without supervision every request answers 503 until a human restarts the s
 child stays a zombie, and ``/healthz`` keeps saying the process is fine. ``RedisSupervisor`` is a
 daemon thread that checks the child every ``check_s`` (``Popen.poll``, which also reaps it), logs an
 ERROR, and restarts it on the same data directory (the AOF replays every acknowledged write but at
-most the last second's) with exponential backoff. After ``max_attempts`` failed starts in a row it
-writes ``EmbeddedRedis.failed_marker``, logs CRITICAL, and ``/healthz`` of every worker answers 503,
-so an orchestrator restarts the whole service; it keeps trying meanwhile and removes the marker when
-a start succeeds. Only state changes are logged (down, restarted, given up), never one line per check.
+most the last second's) with exponential backoff. After ``max_attempts`` failed starts in a row, or
+``max_attempts`` restarts within ``CRASH_LOOP_WINDOW_S`` (a server that starts and dies again, e.g.
+killed for memory after loading), it writes ``EmbeddedRedis.failed_marker``, logs CRITICAL, and
+``/healthz`` of every worker answers 503, so an orchestrator restarts the whole service; it keeps
+trying meanwhile, and a start that is not part of a crash loop removes the marker. Only state changes are logged (down, restarted, given up), never one line per check.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -23,6 +25,7 @@ log = logging.getLogger("fair.redis")
 
 FIRST_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
+CRASH_LOOP_WINDOW_S = 60.0
 
 
 class RedisSupervisor:
@@ -31,6 +34,7 @@ class RedisSupervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fair-redis-supervisor", daemon=True)
         self.restarts = 0  # successful restarts so far (tests and logs read it)
+        self._recent: collections.deque[float] = collections.deque()  # times of recent restarts
 
     def start(self) -> RedisSupervisor:
         self._thread.start()
@@ -82,9 +86,21 @@ class RedisSupervisor:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             self.restarts += 1
+            now = time.monotonic()
             log.warning(
                 "embedded redis-server restarted (pid %s) after %.1f s down",
                 self.embedded.proc.pid if self.embedded.proc is not None else "?",
-                time.monotonic() - down_at,
+                now - down_at,
             )
+            self._recent.append(now)
+            while self._recent and now - self._recent[0] > CRASH_LOOP_WINDOW_S:
+                self._recent.popleft()
+            if len(self._recent) >= self.max_attempts:  # it starts, then dies again: a crash loop
+                self.embedded.mark_failed(f"{len(self._recent)} restarts within {CRASH_LOOP_WINDOW_S:.0f} s")
+                log.critical(
+                    "embedded redis-server crash loop (%d restarts within %.0f s); /healthz now answers 503 "
+                    "so an orchestrator restarts the service",
+                    len(self._recent),
+                    CRASH_LOOP_WINDOW_S,
+                )
             return

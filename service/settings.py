@@ -25,7 +25,8 @@ MAX_REQUEST_HISTORY = 1000
 class Settings(BaseSettings):
     """Service configuration; every field is also the environment variable ``FAIR_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="FAIR_", extra="ignore")
+    # hide_input_in_errors: a bad FAIR_API_TOKENS / FAIR_ADMIN_TOKEN must not print the secrets
+    model_config = SettingsConfigDict(env_prefix="FAIR_", extra="ignore", hide_input_in_errors=True)
 
     # ---- model ----
     bundle: Path | None = Field(

@@ -72,6 +72,11 @@ def test_api_tokens_guard_the_data_plane(tiny_bundle, redis_settings):
             ):
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
                 assert r.json()["error"]["code"] == "unauthorized"
+        # checked before the body is read: a stranger's invalid body is 401, not 422 (nothing parsed)
+        junk = httpx.post(
+            live.url + "/recommend", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert junk.status_code == 401
         ids = tiny_bundle.dataset.item_ids[:2]
         assert (
             httpx.post(live.url + "/users/t/events", json={"item_ids": list(ids)}, headers=ok).status_code
@@ -112,34 +117,49 @@ def test_a_body_that_never_finishes_gets_408_and_the_connection_closed(tiny_bund
         assert httpx.post(live.url + "/recommend", json={"user_id": "fast"}).status_code == 200
 
 
+class _SlowEngine:
+    """The served engine, 50 ms slower per batch: a saturated model, deterministically."""
+
+    def __init__(self, engine, delay_s: float = 0.05):
+        self._engine, self._delay_s = engine, delay_s
+
+    def forward(self, histories):
+        time.sleep(self._delay_s)
+        return self._engine.forward(histories)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 def test_an_overloaded_service_refuses_recommend_before_reading_the_body(tiny_bundle, redis_settings):
     """With more inference work queued than the deadline allows, /recommend gets 429 at once: the body is
     not even parsed (an invalid one gets 429, not 422), so refusing costs the event loop little."""
-    settings = make_settings(
-        tiny_bundle, redis_settings, request_timeout_ms=1000, max_batch_size=1, queue_size=20_000
-    )
+    settings = make_settings(tiny_bundle, redis_settings, request_timeout_ms=1000, max_batch_size=1)
     with LiveServer(settings) as live:
         ids = tiny_bundle.dataset.item_ids
         assert (
             httpx.post(live.url + "/recommend", json={"user_id": "w", "history": ids[:3]}).status_code == 200
         )
-        batcher, engine = live.state.batcher, live.state.engine
+        batcher = live.state.batcher
         assert httpx.post(live.url + "/recommend", json={"no": "user id"}).status_code == 422  # idle: parsed
-        # A backlog of real jobs (as a burst leaves behind), queued straight into the service's batcher.
+        # A backlog of slow jobs (as a burst on a saturated model leaves behind), queued straight into the
+        # service's batcher: 60 x 50 ms = 3 s of work, three deadlines.
         loop = asyncio.new_event_loop()
-        history = np.arange(5, dtype=np.int64)
-        backlog = round(3.0 / batcher.job_cost_s)  # ~3 s of measured work, three deadlines
-        for n in range(min(backlog, 19_000)):
-            batcher.submit(Job(engine, f"b{n}", history, None, 10, 10, loop.create_future(), loop))
+        slow, history = _SlowEngine(live.state.engine), np.arange(5, dtype=np.int64)
+        for n in range(60):
+            batcher.submit(Job(slow, f"b{n}", history, None, 10, 10, loop.create_future(), loop))
         try:
-            assert batcher.expected_wait_s() > 1.0
+            deadline = time.monotonic() + 10
+            while batcher.expected_wait_s() <= 1.0:  # the cost estimate catches up with the slow batches
+                assert time.monotonic() < deadline and batcher.depth, "the backlog was never measured as slow"
+                time.sleep(0.02)
             r = httpx.post(live.url + "/recommend", json={"no": "user id"})
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert r.json()["error"]["code"] == "overloaded"
             # other routes are not inference-bound and stay served
             assert httpx.get(live.url + "/users/w/history").status_code == 200
         finally:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 30
             while batcher.depth and time.monotonic() < deadline:  # let the backlog drain
                 time.sleep(0.1)
             loop.close()

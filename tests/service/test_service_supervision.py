@@ -80,6 +80,7 @@ def test_healthz_fails_when_the_embedded_redis_cannot_be_restarted(tiny_bundle, 
                 lambda: (r := httpx.get(f"{url}/healthz")).status_code == 503 and r, 30, "/healthz to fail"
             )
             assert health.json()["error"]["code"] == "redis_failed"
+            assert data_dir not in health.text and "redis.log" not in health.text  # reasons go to the log
             assert httpx.get(f"{url}/readyz").status_code == 503
             assert any(r.levelno == logging.CRITICAL for r in caplog.records)
 
@@ -100,6 +101,7 @@ def test_an_external_redis_outage_is_logged_once_when_it_starts_and_once_when_it
                     assert httpx.get(f"{live.url}/users/u/history").status_code == 503
                 redis_server.start()
                 _wait_for(lambda: httpx.get(f"{live.url}/users/u/history").status_code == 200, 10, "recovery")
+                time.sleep(1.1)  # an outage counts as over after a quiet second (no flapping logs)
                 for _ in range(5):
                     assert httpx.get(f"{live.url}/users/u/history").status_code == 200
         finally:
@@ -108,3 +110,25 @@ def test_an_external_redis_outage_is_logged_once_when_it_starts_and_once_when_it
     back = [r for r in caplog.records if "answering again" in r.getMessage()]
     assert len(down) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
     assert str(redis_server.socket_path) in down[0].getMessage()  # the address is in the log, not the answer
+
+
+def test_a_crash_loop_fails_healthz_even_though_each_restart_succeeds(tiny_bundle, caplog):
+    """A server that starts and then dies again (killed for memory after loading, say) is restarted
+    "successfully" every time: counting restarts in a window is what notices it."""
+    with tempfile.TemporaryDirectory(prefix="fair-sup-") as data_dir:
+        settings = make_settings(
+            tiny_bundle, {"data_dir": Path(data_dir)}, redis_timeout_ms=200, redis_restart_attempts=2
+        )
+        with caplog.at_level(logging.INFO, logger="fair.redis"), LiveServer(settings) as live:
+            url, supervisor = live.url, live.state.supervisor
+            for n in range(2):
+                os.kill(live.state.embedded.proc.pid, signal.SIGKILL)
+                _wait_for(lambda n=n: supervisor.restarts == n + 1, 20, "a restart")
+            health = _wait_for(
+                lambda: (r := httpx.get(f"{url}/healthz")).status_code == 503 and r, 10, "/healthz to fail"
+            )
+            assert health.json()["error"]["code"] == "redis_failed"
+            assert httpx.get(f"{url}/readyz").status_code == 200  # Redis itself is up right now
+            assert any(
+                "crash loop" in r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL
+            )
