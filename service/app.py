@@ -196,14 +196,14 @@ def _lifespan(state: AppState):
         previous_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         blas = single_threaded_blas()
-        url = s.redis_url
+        url, embedded = s.redis_url, EmbeddedRedis(s.data_dir)
         if url is None:  # we start the embedded server, so we supervise it
-            state.embedded = await asyncio.to_thread(EmbeddedRedis(s.data_dir).start)
-            url = state.embedded.url
-            if state.embedded.proc is not None:  # not one reused from another process
-                state.supervisor = RedisSupervisor(state.embedded, s.redis_restart_attempts).start()
-        elif url == EmbeddedRedis(s.data_dir).url:  # fair-serve's embedded server, supervised there
-            state.embedded = EmbeddedRedis(s.data_dir)
+            state.embedded = await asyncio.to_thread(embedded.start)
+            url = embedded.url
+            if embedded.proc is not None:  # not one reused from another process
+                state.supervisor = RedisSupervisor(embedded, s.redis_restart_attempts).start()
+        elif url == embedded.url:  # fair-serve's embedded server, supervised there
+            state.embedded = embedded
         state.store = HistoryStore(
             async_client(url, s.redis_cluster, s.redis_timeout_ms / 1000.0, s.redis_max_connections),
             prefix=s.history_key_prefix,
@@ -381,11 +381,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         shed=shed,
         authorized=authorized,
     )
-    data_plane = (
-        [Depends(_bearer_check(settings.api_tokens, "apiToken", "FAIR_API_TOKENS"))]
-        if settings.api_tokens
-        else []
-    )
+    # The middleware checks the token (before the body is read); this only declares the scheme in OpenAPI.
+    data_plane = [Depends(_bearer_scheme("apiToken", "FAIR_API_TOKENS"))] if settings.api_tokens else []
 
     def require_store() -> HistoryStore:
         assert state.store is not None, "lifespan not started"
@@ -513,7 +510,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me)",
     )
     async def healthz() -> HealthResponse:
-        if state.embedded is not None and state.embedded.failure() is not None:
+        if state.embedded is not None and state.embedded.given_up():
             # the reason (with file paths) is in the log and in FAIR_DATA_DIR/redis.failed, not here
             raise ServiceError(
                 503, "redis_failed", "the embedded Redis died and could not be restarted; see the service log"
@@ -569,11 +566,16 @@ def _serving_engine(state: AppState) -> Engine:
     return state.engine
 
 
+def _bearer_scheme(scheme_name: str, setting: str) -> HTTPBearer:
+    """An HTTP bearer security scheme as a dependency that checks nothing (``auto_error=False``)."""
+    return HTTPBearer(auto_error=False, scheme_name=scheme_name, description=f"the token in {setting}")
+
+
 def _bearer_check(tokens, scheme_name: str, setting: str):
     """A dependency accepting ``Authorization: Bearer <one of tokens>`` (constant-time compare), 401
     otherwise. Declared as an HTTP bearer security scheme, so OpenAPI clients see the requirement."""
     secrets = [t.get_secret_value().encode() for t in tokens]
-    bearer = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=f"the token in {setting}")
+    bearer = _bearer_scheme(scheme_name, setting)
 
     # a default, not Annotated[...]: this module's annotations are strings, and ``bearer`` is local
     def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008

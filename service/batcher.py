@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -279,15 +280,14 @@ def _deliver(job: Job, result: JobResult | None = None, exc: BaseException | Non
         job.loop.call_soon_threadsafe(_set)
 
 
-def _deliver_all(done: list[tuple[Job, JobResult]], record_lag=None) -> None:
+def _deliver_all(done: list[tuple[Job, JobResult]], record_lag: Callable[[float], None]) -> None:
     """Resolve a batch's futures (all on one loop) with one ``call_soon_threadsafe``: each call
     wakes the event loop through its self-pipe, which per request cost more than setting the result.
     ``record_lag`` gets how long the loop took to run the hand-over (it is busy under a burst)."""
     scheduled = time.perf_counter()
 
     def _set_all() -> None:
-        if record_lag is not None:
-            record_lag(time.perf_counter() - scheduled)
+        record_lag(time.perf_counter() - scheduled)
         for job, result in done:
             if not job.future.done():  # cancelled by a timeout meanwhile
                 job.future.set_result(result)

