@@ -64,6 +64,9 @@ class FAIRConfig:
     item_ids: bool = True  # a free item-ID embedding beside the codes (input and output, one tied table)
     num_items: int = 0  # catalog size: rows of the item-ID table (set from the semantic-ID table at training)
     item_tokens: str = "item"  # "item": one token per item (codes summed) | "codes": L tokens per item
+    # training only: share of history items whose ID embedding is left out of their input token, so the
+    # network also learns to read an item from its codes alone (rare and new items; 0 = off)
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -79,6 +82,8 @@ class FAIRConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {self.num_items}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
     @property
     def tokens_per_item(self) -> int:
@@ -377,6 +382,9 @@ class FAIR(nn.Module):
             if items is None:
                 raise ValueError("this model has item-ID embeddings (item_ids = true): pass items")
             ids = self.id_input(items)  # [B,N,D]
+            if self.training and cfg.id_dropout > 0:  # whole ID vectors dropped, not rescaled
+                keep = torch.rand(B, N, 1, device=ids.device) >= cfg.id_dropout  # [B,N,1]
+                ids = ids * keep.to(ids.dtype)
             x = x + (ids if P == 1 else ids[:, :, None, :])  # the item's ID joins each of its tokens
         x = x.reshape(B, N * P, D)
         key_real = item_mask[:, :, None].expand(B, N, P).reshape(B, N * P)  # [B,T]

@@ -219,6 +219,30 @@ def test_one_token_per_item_is_the_sum_of_its_code_embeddings():
         FAIRConfig(item_tokens="words")
 
 
+def test_id_dropout_leaves_whole_id_vectors_out_in_training_only():
+    """model.id_dropout: in training a drawn share of history items enters by its codes alone (as an
+    unknown item would); in eval mode (export, serving) every known item keeps its ID embedding."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, num_items=40,
+                     id_dropout=0.5)  # fmt: skip
+    model = FAIR(cfg).train()
+    codes, mask = _inputs()
+    items = _items(mask)
+    torch.manual_seed(5)
+    dropped_out = model(codes, mask, items=items).logits
+    torch.manual_seed(5)
+    keep = torch.rand(*items.shape) >= 0.5  # the same draw as the forward pass
+    assert keep[mask].any() and (~keep[mask]).any()
+    model.eval()
+    as_unknown = model(codes, mask, items=torch.where(keep, items, -1)).logits
+    torch.testing.assert_close(dropped_out, as_unknown, atol=1e-5, rtol=1e-5)
+    full = model(codes, mask, items=items).logits
+    assert not torch.allclose(full[mask], as_unknown[mask])
+    torch.testing.assert_close(full, model(codes, mask, items=items).logits)  # eval: deterministic
+    with pytest.raises(ValueError, match="id_dropout"):
+        FAIRConfig(id_dropout=1.0)
+
+
 def test_item_id_model_needs_items():
     model = _id_model()
     codes, mask = _inputs()
