@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.data.dataset import DataFormatError
@@ -66,7 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-final-eval", action="store_true", help="skip metrics.json (full valid/test ranking) at the end"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--item-embeddings",
+        metavar="FILE.npy",
+        help='item text embeddings [items, dim] for train.item_id_init = "text" (default: embed the '
+        "catalog's texts with the bundled MiniLM, through the embedding cache fair-sid build fills)",
+    )
     return p
+
+
+def text_embeddings(path: str | None, dataset, progress: bool) -> np.ndarray:
+    """The items' text embeddings: a given ``.npy``, else the bundled encoder through the cache (so
+    after ``fair-sid build`` on the same catalog this reads a file instead of running MiniLM)."""
+    from model.semantic_ids.encoders import CachedEncoder, SentenceTransformerEncoder, load_embeddings
+
+    if path:
+        return load_embeddings(path, num_items=dataset.num_items)
+    return CachedEncoder(SentenceTransformerEncoder(progress=progress)).encode(dataset.item_texts())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.set)
         dataset = load_dataset(args.data, max_history=cfg.train.max_history)
         table = SemanticIdTable.load(args.sid)
+        item_embeddings = None
+        if cfg.train.item_id_init == "text" and not args.resume:
+            item_embeddings = text_embeddings(args.item_embeddings, dataset, progress=not args.quiet)
         dist = init_distributed(args.device)
         trainer = Trainer(cfg, dataset, table, run_dir, device=args.device, max_minutes=args.max_minutes,
-                          resume=bool(args.resume), dist=dist, progress=not args.quiet)  # fmt: skip
+                          resume=bool(args.resume), dist=dist, progress=not args.quiet,
+                          item_embeddings=item_embeddings)  # fmt: skip
     except (ConfigError, SemanticIdError, CheckpointError, DataFormatError, FileNotFoundError,
             FileExistsError, ValueError) as exc:  # fmt: skip
         print(f"fair-train: error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.fair import FAIRConfig
+from model.train.item_init import ITEM_ID_INITS
 
 PERTURB_OPS = ("drop", "mask", "substitute")
 ITEM_LOSSES = ("full", "sampled")
@@ -36,6 +37,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     item_id_weight_decay: float = 0.0  # decoupled decay of the item-ID table (other embeddings: none)
+    item_id_init: str = "random"  # "random" | "text": the ID table starts from the items' text embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 200
     max_steps: int = 20000  # length of the cosine schedule; training stops here at the latest
@@ -67,6 +69,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.item_loss not in ITEM_LOSSES:
             raise ConfigError(f"train.item_loss must be one of {list(ITEM_LOSSES)}, got {self.item_loss!r}")
+        if self.item_id_init not in ITEM_ID_INITS:
+            raise ConfigError(
+                f"train.item_id_init must be one of {list(ITEM_ID_INITS)}, got {self.item_id_init!r}"
+            )
         if self.eval_search not in ("exact", "beam"):
             raise ConfigError(f"train.eval_search must be 'exact' or 'beam', got {self.eval_search!r}")
         if self.num_negatives < 1:

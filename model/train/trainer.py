@@ -32,6 +32,7 @@ from model.train.batches import collate, epoch_batches, trained_items, training_
 from model.train.checkpoint import read_checkpoint, save_checkpoint
 from model.train.config import ConfigError, RunConfig
 from model.train.distributed import DistInfo, barrier, broadcast_floats
+from model.train.item_init import text_init
 from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
 from model.train.perturb import perturb_history
 from model.train.plots import plot_curves
@@ -75,7 +76,10 @@ class Trainer:
         resume: bool = False,
         dist: DistInfo | None = None,
         progress: bool = True,
+        item_embeddings: np.ndarray | None = None,
     ) -> None:
+        """``item_embeddings`` [items, E]: the items' text embeddings, needed (and only read) when
+        ``train.item_id_init = "text"`` starts a new run."""
         self.dist = dist or DistInfo()
         self.cfg = check_compatible(cfg, dataset, table)
         self.dataset = dataset
@@ -110,6 +114,8 @@ class Trainer:
         self.model = FAIR(self.cfg.model).to(device)
         with torch.no_grad():  # L_mi's temperature is learned, starting from train.tau
             self.model.mi_log_scale.fill_(math.log(1.0 / t.tau))
+        if t.item_id_init == "text":
+            self._init_ids_from_text(item_embeddings, resume)
         self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
@@ -201,6 +207,23 @@ class Trainer:
         self.best_metric = ckpt["best_metric"]
         self.bad_evals = ckpt["rng"]["bad_evals"]
         self.train_seconds = ckpt["rng"].get("train_seconds", 0.0)
+
+    def _init_ids_from_text(self, embeddings: np.ndarray | None, resume: bool) -> None:
+        """``train.item_id_init = "text"``: the ID table starts from the PCA of the text embeddings
+        (``model.train.item_init``). A resumed run loads its weights instead and needs none."""
+        if self.model.item_emb is None:
+            raise ConfigError('train.item_id_init = "text" needs an item-ID table (model.item_ids = true)')
+        if resume and embeddings is None:
+            return
+        if embeddings is None:
+            raise ConfigError('train.item_id_init = "text" needs the items\' text embeddings')
+        if embeddings.ndim != 2 or embeddings.shape[0] != self.table.num_items:
+            raise ConfigError(
+                f"item text embeddings have shape {tuple(embeddings.shape)}, expected "
+                f"[{self.table.num_items} items, dim]"
+            )
+        with torch.no_grad():
+            self.model.item_emb.weight.copy_(text_init(embeddings, self.cfg.model.d_model))
 
     def _progress(self, step: int) -> float:
         """Position in the cosine schedule: by training time under a time budget, else by steps."""
