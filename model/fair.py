@@ -67,6 +67,12 @@ class FAIRConfig:
     # training only: share of history items whose ID embedding is left out of their input token, so the
     # network also learns to read an item from its codes alone (rare and new items; 0 = off)
     id_dropout: float = 0.0
+    # item_text: the items' text embeddings (the MiniLM vectors the semantic IDs are quantized from), through
+    # one learned projection, join the item-ID part on input and output; text_dim is their width, set from
+    # the embeddings at training time. Unlike an ID row, the text part exists for every item, also for
+    # items without a training interaction, and rare items share the projection with frequent ones.
+    item_text: bool = False
+    text_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -82,6 +88,10 @@ class FAIRConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {self.num_items}")
+        if self.text_dim < 0:
+            raise ValueError(f"text_dim must be >= 0, got {self.text_dim}")
+        if self.item_text and not self.item_ids:
+            raise ValueError("item_text needs the item-ID part (item_ids = true)")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
@@ -94,6 +104,11 @@ class FAIRConfig:
     def has_item_ids(self) -> bool:
         """Whether the network has a free item-ID table (asked for and a catalog size known)."""
         return self.item_ids and self.num_items > 0
+
+    @property
+    def has_item_text(self) -> bool:
+        """Whether the network has the projected text part (asked for, ID table and text width known)."""
+        return self.item_text and self.has_item_ids and self.text_dim > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -301,6 +316,13 @@ class FAIR(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(n_ids)) if n_ids else None
         self.id_query = nn.Linear(D, D, bias=False) if n_ids else None
         self.register_buffer("item_trained", torch.ones(n_ids, dtype=torch.bool))
+        # the projected text part: a fixed [I, text_dim] table (filled by the trainer, saved with the
+        # weights) and one learned projection to D
+        has_text = cfg.has_item_text
+        self.text_proj = nn.Linear(cfg.text_dim, D, bias=False) if has_text else None
+        self.register_buffer(
+            "item_text", torch.zeros(n_ids if has_text else 0, cfg.text_dim if has_text else 0)
+        )
         # L_mi's learned inverse temperature (training only; not on the export path)
         self.mi_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.apply(self._init)
@@ -336,19 +358,30 @@ class FAIR(nn.Module):
         return self.code_emb.weight.view(L, V + 1, -1)[:, :V]
 
     def id_vectors(self) -> torch.Tensor:
-        """[I, D] item-ID embeddings, rows of untrained items zeroed (their ID part is exactly 0)."""
-        return self.item_emb.weight * self.item_trained[:, None].to(self.item_emb.weight.dtype)
+        """[I, D] item-ID embeddings, rows of untrained items zeroed (their ID row is exactly 0), + the
+        projected text part of every item when the network has one."""
+        vec = self.item_emb.weight * self.item_trained[:, None].to(self.item_emb.weight.dtype)
+        if self.text_proj is not None:
+            vec = vec + self.text_proj(self.item_text)  # [I, D]
+        return vec
 
     def id_bias(self) -> torch.Tensor:
         """[I] per-item bias, 0 for untrained items."""
         return self.item_bias * self.item_trained.to(self.item_bias.dtype)
 
     def id_input(self, items: torch.Tensor) -> torch.Tensor:
-        """items [...] (-1 = padding or unknown) -> [..., D] ID embeddings, 0 where untrained/unknown."""
+        """items [...] (-1 = padding or unknown) -> [..., D] ID embeddings, 0 where untrained/unknown
+        (and, in training, for a ``id_dropout`` share of items), + the projected text part of every
+        known item when the network has one."""
         known = items >= 0
         safe = items.clamp(min=0)
         keep = known & self.item_trained[safe]
-        return self.item_emb(safe) * keep[..., None].to(self.item_emb.weight.dtype)
+        if self.training and self.cfg.id_dropout > 0:  # whole ID rows dropped, not rescaled
+            keep = keep & (torch.rand(items.shape, device=items.device) >= self.cfg.id_dropout)
+        ids = self.item_emb(safe) * keep[..., None].to(self.item_emb.weight.dtype)
+        if self.text_proj is not None:  # every known item has a text part, trained or not
+            ids = ids + self.text_proj(self.item_text[safe]) * known[..., None].to(ids.dtype)
+        return ids
 
     def forward(
         self,
@@ -382,9 +415,6 @@ class FAIR(nn.Module):
             if items is None:
                 raise ValueError("this model has item-ID embeddings (item_ids = true): pass items")
             ids = self.id_input(items)  # [B,N,D]
-            if self.training and cfg.id_dropout > 0:  # whole ID vectors dropped, not rescaled
-                keep = torch.rand(B, N, 1, device=ids.device) >= cfg.id_dropout  # [B,N,1]
-                ids = ids * keep.to(ids.dtype)
             x = x + (ids if P == 1 else ids[:, :, None, :])  # the item's ID joins each of its tokens
         x = x.reshape(B, N * P, D)
         key_real = item_mask[:, :, None].expand(B, N, P).reshape(B, N * P)  # [B,T]

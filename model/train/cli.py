@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--item-embeddings",
         metavar="FILE.npy",
-        help='item text embeddings [items, dim] for train.item_id_init = "text" (default: embed the '
-        "catalog's texts with the bundled MiniLM, through the embedding cache fair-sid build fills)",
+        help='item text embeddings [items, dim] for train.item_id_init = "text" and model.item_text '
+        "(default: embed the catalog's texts with the bundled MiniLM, through the embedding cache fair-sid build fills)",
     )
     return p
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(args.data, max_history=cfg.train.max_history)
         table = SemanticIdTable.load(args.sid)
         item_embeddings = None
-        if cfg.train.item_id_init == "text" and not args.resume:
+        if (cfg.train.item_id_init == "text" or cfg.model.item_text) and not args.resume:
             item_embeddings = text_embeddings(args.item_embeddings, dataset, progress=not args.quiet)
         dist = init_distributed(args.device)
         trainer = Trainer(cfg, dataset, table, run_dir, device=args.device, max_minutes=args.max_minutes,

@@ -64,6 +64,25 @@ def check_compatible(cfg: RunConfig, dataset: SequenceDataset, table: SemanticId
     return RunConfig(model=model, train=cfg.train)
 
 
+def check_embeddings(embeddings: np.ndarray, num_items: int) -> None:
+    if embeddings.ndim != 2 or embeddings.shape[0] != num_items or embeddings.shape[1] < 1:
+        raise ConfigError(
+            f"item text embeddings have shape {tuple(embeddings.shape)}, expected [{num_items} items, dim]"
+        )
+
+
+def with_text_width(cfg: RunConfig, embeddings: np.ndarray | None, resume: bool) -> RunConfig:
+    """``model.item_text``: take ``text_dim`` from the embeddings (a resumed run keeps its own)."""
+    if not cfg.model.item_text:
+        return cfg
+    if embeddings is None:
+        if resume and cfg.model.text_dim > 0:
+            return cfg
+        raise ConfigError("model.item_text = true needs the items' text embeddings")
+    check_embeddings(embeddings, cfg.model.num_items)
+    return RunConfig(model=replace(cfg.model, text_dim=int(embeddings.shape[1])), train=cfg.train)
+
+
 class Trainer:
     def __init__(
         self,
@@ -78,10 +97,10 @@ class Trainer:
         progress: bool = True,
         item_embeddings: np.ndarray | None = None,
     ) -> None:
-        """``item_embeddings`` [items, E]: the items' text embeddings, needed (and only read) when
-        ``train.item_id_init = "text"`` starts a new run."""
+        """``item_embeddings`` [items, E]: the items' text embeddings, needed (and only read) when a new
+        run has ``train.item_id_init = "text"`` or ``model.item_text = true``."""
         self.dist = dist or DistInfo()
-        self.cfg = check_compatible(cfg, dataset, table)
+        self.cfg = with_text_width(check_compatible(cfg, dataset, table), item_embeddings, resume)
         self.dataset = dataset
         self.dataset.max_history = self.cfg.train.max_history
         self.table = table
@@ -116,6 +135,8 @@ class Trainer:
             self.model.mi_log_scale.fill_(math.log(1.0 / t.tau))
         if t.item_id_init == "text":
             self._init_ids_from_text(item_embeddings, resume)
+        if self.model.text_proj is not None and item_embeddings is not None:
+            self.model.item_text.copy_(torch.from_numpy(np.asarray(item_embeddings, dtype=np.float32)))
         self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
@@ -217,11 +238,7 @@ class Trainer:
             return
         if embeddings is None:
             raise ConfigError('train.item_id_init = "text" needs the items\' text embeddings')
-        if embeddings.ndim != 2 or embeddings.shape[0] != self.table.num_items:
-            raise ConfigError(
-                f"item text embeddings have shape {tuple(embeddings.shape)}, expected "
-                f"[{self.table.num_items} items, dim]"
-            )
+        check_embeddings(embeddings, self.table.num_items)
         with torch.no_grad():
             self.model.item_emb.weight.copy_(text_init(embeddings, self.cfg.model.d_model))
 

@@ -60,6 +60,34 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
     assert bundle.manifest["metrics"]["run"]["test"]["recall@10"] == 0.5  # the run's metrics.json
 
 
+def test_a_text_model_exports_its_text_part_for_every_item_cold_ones_included(tmp_path):
+    """model.item_text: the bundle's item vectors are ID rows + projected text, so an item without a
+    trained ID row still has its text part in the served score; the graph reads the text on input."""
+    run = build_tiny_run(tmp_path / "run", item_text=True, text_dim=8)
+    assert main(["--run", str(run), "--out", str(tmp_path / "b"), "--name", "t"]) == 0
+    bundle = load_bundle(tmp_path / "b" / "t" / "1")
+    model, _ = load_model(run / "best.pt")
+    with torch.no_grad():
+        text = model.text_proj(model.item_text).numpy()
+        np.testing.assert_allclose(bundle.scorer.vectors, model.id_vectors().numpy(), atol=1e-6)
+    cold = ~bundle.trained
+    assert cold.any()
+    np.testing.assert_allclose(bundle.scorer.vectors[cold], text[cold], atol=1e-6)
+    assert (np.abs(bundle.scorer.vectors[cold]).sum(1) > 0).all()
+    v = bundle.manifest["verification"]["fp32"]
+    assert v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
+    # a history of cold items only: the graph and PyTorch agree, and the text changes the answer
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    inputs = histories_to_inputs([np.flatnonzero(cold)[:4]], bundle.table.codes, max_history=6)
+    got = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+    with torch.no_grad():
+        want = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
+        model.item_text.zero_()
+        blank = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
+    assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) <= 1e-4
+    assert np.abs(want[1] - blank[1]).max() > 1e-3
+
+
 def test_manifest_describes_the_graph(tiny_bundle):
     manifest = load_bundle(tiny_bundle).manifest
     proto = onnx.load(str(tiny_bundle / "model.onnx"))

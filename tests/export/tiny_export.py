@@ -47,6 +47,8 @@ def build_tiny_run(run_dir: Path, seed: int = 0, **config_overrides) -> Path:
         if model.item_bias is not None:
             model.item_bias.normal_(0.0, 2.0)
             model.item_trained[::7] = False  # some items without a trained ID embedding
+        if model.text_proj is not None:  # text embeddings of the items (model.item_text)
+            model.item_text.normal_()
     table = tiny_table(seed=seed)
     table.save(run_dir / "semantic_ids.npz")
     np.save(run_dir / "popular.npy", np.arange(table.num_items, dtype=np.int64)[::-1].copy())

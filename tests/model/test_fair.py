@@ -243,6 +243,33 @@ def test_id_dropout_leaves_whole_id_vectors_out_in_training_only():
         FAIRConfig(id_dropout=1.0)
 
 
+def test_item_text_joins_the_id_part_of_every_known_item_on_input_and_output():
+    """model.item_text: ID row (trained items only) + projected text (every item) on both sides."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, num_items=40,
+                     item_text=True, text_dim=6)  # fmt: skip
+    model = FAIR(cfg).eval()
+    with torch.no_grad():
+        model.item_text.normal_()
+        model.item_trained[7] = False
+        text = model.text_proj(model.item_text)  # [I, D]
+        vec = model.id_vectors()
+        torch.testing.assert_close(vec[7], text[7])  # cold: the text part alone
+        torch.testing.assert_close(vec[3], model.item_emb.weight[3] + text[3])
+        codes, mask = _inputs()
+        items = _items(mask)
+        items[2, -1] = 7
+        unknown = items.clone()
+        unknown[2, -1] = -1
+        a = model.next_item_scores(codes, items, mask)
+        b = model.next_item_scores(codes, unknown, mask)
+        assert not torch.allclose(a[1][2], b[1][2])  # a cold item is not an unknown one: it has text
+        torch.testing.assert_close(model.id_input(items)[2, -1], text[7])
+    with pytest.raises(ValueError, match="item_ids"):
+        FAIRConfig(item_text=True, item_ids=False, text_dim=6)
+    assert FAIR(FAIRConfig(num_items=40, item_text=True)).text_proj is None  # no width: no text part
+
+
 def test_item_id_model_needs_items():
     model = _id_model()
     codes, mask = _inputs()

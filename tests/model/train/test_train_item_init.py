@@ -1,4 +1,5 @@
-"""train.item_id_init = "text": the item-ID table starts from the PCA of the items' text embeddings."""
+"""Text embeddings in training: train.item_id_init = "text" (where the ID table starts) and
+model.item_text = true (a projected text part beside the ID table)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,20 @@ def test_fair_train_reads_item_embeddings_from_a_file(synth, tmp_path, capsys):
     rc = main(["--data", spec, "--sid", str(sid), "--out", str(tmp_path / "bad"), "--item-embeddings",
                str(path), "--quiet", *sets])  # fmt: skip
     assert rc == 2 and "fair-train: error" in capsys.readouterr().err
+
+
+def test_trainer_gives_a_text_model_its_width_and_the_embeddings(synth, tmp_path):
+    spec, sid = synth
+    data, table = load_dataset(spec), SemanticIdTable.load(sid)
+    emb = _low_rank_embeddings(data.num_items, dim=24)
+    cfg = load_config(None, [*TINY, "model.item_text=true", "train.max_steps=2"])
+    trainer = Trainer(cfg, data, table, tmp_path / "a", progress=False, item_embeddings=emb)
+    assert trainer.cfg.model.text_dim == 24
+    torch.testing.assert_close(trainer.model.item_text, torch.from_numpy(emb))
+    trainer.fit()
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["model"]
+    assert saved["item_text"] and saved["text_dim"] == 24
+    with pytest.raises(ConfigError, match="item_text"):
+        Trainer(cfg, data, table, tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="shape"):
+        Trainer(cfg, data, table, tmp_path / "c", progress=False, item_embeddings=emb[:5])
