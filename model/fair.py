@@ -320,9 +320,8 @@ class FAIR(nn.Module):
         # weights) and one learned projection to D
         has_text = cfg.has_item_text
         self.text_proj = nn.Linear(cfg.text_dim, D, bias=False) if has_text else None
-        self.register_buffer(
-            "item_text", torch.zeros(n_ids if has_text else 0, cfg.text_dim if has_text else 0)
-        )
+        # (None without it: the state dict of a network without text has no such key, as before it existed)
+        self.register_buffer("item_text", torch.zeros(n_ids, cfg.text_dim) if has_text else None)
         # L_mi's learned inverse temperature (training only; not on the export path)
         self.mi_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.apply(self._init)

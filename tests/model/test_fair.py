@@ -268,6 +268,8 @@ def test_item_text_joins_the_id_part_of_every_known_item_on_input_and_output():
     with pytest.raises(ValueError, match="item_ids"):
         FAIRConfig(item_text=True, item_ids=False, text_dim=6)
     assert FAIR(FAIRConfig(num_items=40, item_text=True)).text_proj is None  # no width: no text part
+    # a network without text keeps the state dict it had before item_text existed (old checkpoints load)
+    assert not any("text" in k for k in FAIR(FAIRConfig(num_items=40)).state_dict())
 
 
 def test_item_id_model_needs_items():
