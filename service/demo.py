@@ -46,6 +46,8 @@ DEMO_TRAIN_SET = (
     "model.n_heads=2",
     "train.eval_every=150",
     "train.eval_users=500",
+    # the ID table starts from the items' text, as in configs/amazon.toml (docs/model.md)
+    "train.item_id_init=text",
 )
 CLI_MODULES = {
     "fair-data": "model.data.cli",
@@ -182,6 +184,10 @@ def build(paths: DemoPaths, opts: argparse.Namespace) -> Path:
     # One torch thread: on a busy 2-core machine two threads collapsed to ~30 sequences/s (threads
     # waiting on each other), one thread kept ~450/s; on an idle machine it costs far less than that.
     train_args += ["--max-minutes", str(opts.max_minutes), "--threads", "1"]
+    # the same text embeddings fair-sid just used (train.item_id_init = "text")
+    train_args += (
+        ["--item-embeddings", opts.embeddings] if opts.embeddings else ["--cache-dir", str(paths.cache)]
+    )
     for kv in (*DEMO_TRAIN_SET, *opts.train_set):
         train_args += ["--set", kv]
     if stale:

@@ -73,17 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         help='item text embeddings [items, dim] for train.item_id_init = "text" and model.item_text '
         "(default: embed the catalog's texts with the bundled MiniLM, through the embedding cache fair-sid build fills)",
     )
+    p.add_argument(
+        "--cache-dir",
+        help="embedding cache folder, as given to fair-sid build (default: fair-sid's default cache)",
+    )
     return p
 
 
-def text_embeddings(path: str | None, dataset, progress: bool) -> np.ndarray:
+def text_embeddings(path: str | None, dataset, progress: bool, cache_dir: str | None = None) -> np.ndarray:
     """The items' text embeddings: a given ``.npy``, else the bundled encoder through the cache (so
     after ``fair-sid build`` on the same catalog this reads a file instead of running MiniLM)."""
     from model.semantic_ids.encoders import CachedEncoder, SentenceTransformerEncoder, load_embeddings
 
     if path:
         return load_embeddings(path, num_items=dataset.num_items)
-    return CachedEncoder(SentenceTransformerEncoder(progress=progress)).encode(dataset.item_texts())
+    encoder = SentenceTransformerEncoder(progress=progress)
+    return CachedEncoder(encoder, cache_dir).encode(dataset.item_texts())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         table = SemanticIdTable.load(args.sid)
         item_embeddings = None
         if (cfg.train.item_id_init == "text" or cfg.model.item_text) and not args.resume:
-            item_embeddings = text_embeddings(args.item_embeddings, dataset, progress=not args.quiet)
+            item_embeddings = text_embeddings(
+                args.item_embeddings, dataset, progress=not args.quiet, cache_dir=args.cache_dir
+            )
         dist = init_distributed(args.device)
         trainer = Trainer(cfg, dataset, table, run_dir, device=args.device, max_minutes=args.max_minutes,
                           resume=bool(args.resume), dist=dist, progress=not args.quiet,
