@@ -1,7 +1,7 @@
 """Test NDCG@10 of trained runs, split by how popular each user's test item was in training.
 
-Every test user is ranked exactly as ``fair-eval --split test`` does (the served search, seen items
-excluded), then users are grouped by the number of times their test item occurs in the training part
+Every test user is ranked as ``fair-eval --split test`` ranks (exact search, seen items excluded, the
+run's own history length; user-token models are not supported), then users are grouped by the number of times their test item occurs in the training part
 of the sequences (all but each user's last two items). It shows where a model's NDCG comes from, and
 which items a change helps: the long tail (few training interactions) or the popular head.
 
@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 
+from model.data.dataset import DEFAULT_MAX_HISTORY
 from model.data.loading import load_dataset
 from model.evaluate.ranking import load_run, rank_items
 
@@ -48,22 +49,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.data)
-    split = data.eval_split("test")
-    counts = training_counts(data.sequences, data.num_items)[split.targets]
-    bucket = np.searchsorted(np.asarray(EDGES), counts, side="right") - 1
-    names = bucket_names()
-    print("| model | " + " | ".join(names) + " | all |")
-    print("|---|" + "---:|" * (len(names) + 1))
-    print(
-        "| share of test users | "
-        + " | ".join(f"{(bucket == b).mean():.1%}" for b in range(len(names)))
-        + " | |"
-    )
+    datasets: dict[int, object] = {}  # one load per history length the runs were trained with
+    header = False
     for path in args.run:
         run = load_run(path)
-        items, _ = rank_items(run.model, run.table, run.trie, split.histories, k=10,
-                              max_history=run.max_history(data.max_history))  # fmt: skip
+        if run.user_buckets:
+            print(f"{path}: user-token models are not supported here (use fair-eval)", file=sys.stderr)
+            return 2
+        max_history = run.max_history(DEFAULT_MAX_HISTORY)
+        if max_history not in datasets:
+            datasets[max_history] = load_dataset(args.data, max_history=max_history)
+        data = datasets[max_history]
+        run.table.check_catalog(data.item_ids, what=f"dataset {args.data}")
+        split = data.eval_split("test")
+        counts = training_counts(data.sequences, data.num_items)[split.targets]
+        bucket = np.searchsorted(np.asarray(EDGES), counts, side="right") - 1
+        names = bucket_names()
+        if not header:
+            print("| model | " + " | ".join(names) + " | all |")
+            print("|---|" + "---:|" * (len(names) + 1))
+            shares = " | ".join(f"{(bucket == b).mean():.1%}" for b in range(len(names)))
+            print(f"| share of test users | {shares} | |")
+            header = True
+        items, _ = rank_items(run.model, run.table, run.trie, split.histories, k=10, max_history=max_history)
         ndcg = ndcg_at_10(items, split.targets)
         cells = " | ".join(
             f"{ndcg[bucket == b].mean():.4f}" if (bucket == b).any() else "" for b in range(len(names))

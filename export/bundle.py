@@ -235,7 +235,7 @@ class LoadedBundle:
     trie: CodeTrie
     popular: np.ndarray  # [P] int64 item indices, most popular first
     scorer: ItemScorer  # the catalog side of the item score
-    trained: np.ndarray  # [I] bool: items with a trained ID embedding (the others rank by codes alone)
+    trained: np.ndarray  # [I] bool: items with a trained ID row (the others rank by codes, + text if any)
 
     @property
     def name(self) -> str:

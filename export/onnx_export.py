@@ -88,7 +88,7 @@ def example_inputs(cfg: FAIRConfig) -> tuple[torch.Tensor, torch.Tensor, torch.T
     The exporter specialises an axis whose example size equals a constant it meets (or 1), which
     would silently make that axis static.
     """
-    taken = {1, cfg.num_levels, cfg.codebook_size, cfg.d_model, cfg.num_items}
+    taken = {1, cfg.num_levels, cfg.codebook_size, cfg.d_model, cfg.num_items, cfg.text_dim}
     batch = next(n for n in range(2, 100) if n not in taken)
     items = next(n for n in range(batch + 1, 100) if n not in taken)
     gen = torch.Generator().manual_seed(0)

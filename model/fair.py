@@ -28,7 +28,9 @@ the code part generalises across items that share codes (and carries items that 
 interaction), the optional free item-ID part (``item_ids = true``: one embedding per item, tied between
 input and output) is what lets the network tell apart items with similar text. Items without a trained
 ID embedding (``item_trained`` False: no interaction in the training data) have that part fixed to 0, in
-training and in serving alike, so they are ranked by their codes alone (cold start).
+training and in serving alike, so they are ranked by their codes alone (cold start). With
+``item_text = true`` every item also has a projected text part (a learned projection of its text
+embedding) beside its ID row, cold items included: they rank by their codes and their text.
 """
 
 from __future__ import annotations
@@ -356,12 +358,19 @@ class FAIR(nn.Module):
         L, V = self.cfg.num_levels, self.cfg.codebook_size
         return self.code_emb.weight.view(L, V + 1, -1)[:, :V]
 
-    def id_vectors(self) -> torch.Tensor:
-        """[I, D] item-ID embeddings, rows of untrained items zeroed (their ID row is exactly 0), + the
-        projected text part of every item when the network has one."""
-        vec = self.item_emb.weight * self.item_trained[:, None].to(self.item_emb.weight.dtype)
-        if self.text_proj is not None:
-            vec = vec + self.text_proj(self.item_text)  # [I, D]
+    def id_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """[I, D] (or [C, D] for the item indices ``items``) item-ID embeddings, rows of untrained items
+        zeroed (their ID row is exactly 0), + the projected text part of every item when the network
+        has one (only the rows asked for are projected)."""
+        if items is None:
+            weight, trained = self.item_emb.weight, self.item_trained
+            text = self.item_text if self.text_proj is not None else None
+        else:
+            weight, trained = self.item_emb(items), self.item_trained[items]
+            text = self.item_text[items] if self.text_proj is not None else None
+        vec = weight * trained[:, None].to(weight.dtype)
+        if text is not None:
+            vec = vec + self.text_proj(text)
         return vec
 
     def id_bias(self) -> torch.Tensor:
@@ -463,7 +472,7 @@ class FAIR(nn.Module):
         if self.item_emb is not None:
             if items is None:
                 items = torch.arange(item_codes.size(0), device=item_codes.device)
-            vec = torch.cat([vec, self.id_vectors()[items]], dim=-1)
+            vec = torch.cat([vec, self.id_vectors(items)], dim=-1)
             bias = bias + self.id_bias()[items]
         return vec, bias
 

@@ -6,7 +6,7 @@ per code of each level) and ``query`` ``[D]``. Item ``i`` scores
     score(i) = sum_l code_scores[l, code_l(i)] + query . vectors[i] + bias[i]
 
 (``vectors``/``bias``: the item-ID part, absent for models without item IDs, zero for items that had no
-trained ID embedding). This is exactly the logit the item softmax of training optimises
+trained ID embedding, except for a text model's projected text part, which every item has). This is exactly the logit the item softmax of training optimises
 (``FAIR.item_logits``), so what is served is what was trained.
 
 Two searches, chosen per catalog size (docs/model.md has the measurements):

@@ -58,7 +58,8 @@ class Batch:
 
 def trained_items(windows: Windows, num_items: int) -> np.ndarray:
     """bool [num_items]: items that occur in the training windows (as input or target). Only these get
-    a trained item-ID embedding; the others are scored by their semantic-ID codes alone."""
+    a trained item-ID embedding; the others are scored by their semantic-ID codes (and, in a
+    ``model.item_text`` network, their projected text)."""
     seen = np.zeros(num_items, dtype=bool)
     if windows.seq:
         seen[np.concatenate(windows.seq)] = True

@@ -80,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_same_encoder(table: SemanticIdTable, item_embeddings: str | None) -> None:
+    """Without ``--item-embeddings`` fair-train embeds with the bundled MiniLM; the text start and the
+    text part are meant to use the vectors the semantic IDs were built from, so refuse a table that
+    another encoder (or a precomputed file) built."""
+    from model.semantic_ids.encoders import DEFAULT_MODEL_ID
+
+    encoder = table.meta.get("encoder")
+    if item_embeddings is None and encoder not in (None, DEFAULT_MODEL_ID):
+        raise ConfigError(
+            f"the semantic-ID table was built from {encoder!r} embeddings, not the bundled MiniLM: "
+            "give the same embeddings with --item-embeddings FILE.npy"
+        )
+
+
 def text_embeddings(path: str | None, dataset, progress: bool, cache_dir: str | None = None) -> np.ndarray:
     """The items' text embeddings: a given ``.npy``, else the bundled encoder through the cache (so
     after ``fair-sid build`` on the same catalog this reads a file instead of running MiniLM)."""
@@ -116,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         table = SemanticIdTable.load(args.sid)
         item_embeddings = None
         if (cfg.train.item_id_init == "text" or cfg.model.item_text) and not args.resume:
+            table.check_catalog(dataset.item_ids, what=f"dataset {dataset.name!r}")  # before embedding
+            check_same_encoder(table, args.item_embeddings)
             item_embeddings = text_embeddings(
                 args.item_embeddings, dataset, progress=not args.quiet, cache_dir=args.cache_dir
             )

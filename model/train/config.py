@@ -103,6 +103,10 @@ class RunConfig:
     model: FAIRConfig = field(default_factory=FAIRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.train.item_id_init == "text" and not self.model.item_ids:
+            raise ConfigError('train.item_id_init = "text" needs an item-ID table (model.item_ids = true)')
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"model": asdict(self.model), "train": asdict(self.train)}
 

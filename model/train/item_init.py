@@ -22,8 +22,7 @@ def text_init(embeddings: np.ndarray, dim: int, std: float = 0.02) -> torch.Tens
     components (centred), scaled to an overall standard deviation ``std`` (that of the random init,
     so the optimiser sees rows of the size it would otherwise start from).
 
-    When ``dim`` exceeds what the embeddings have (E or items - 1 components), the missing columns
-    are 0.
+    When ``dim`` exceeds the rank of the centred embeddings, the missing columns are 0.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
@@ -31,9 +30,12 @@ def text_init(embeddings: np.ndarray, dim: int, std: float = 0.02) -> torch.Tens
     if not np.isfinite(x).all():
         raise ValueError("text embeddings contain NaN or inf")
     x = x - x.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)  # rows of vt: principal directions, largest first
-    k = min(dim, vt.shape[0])
-    proj = x @ vt[:k].T  # [items, k]
+    # principal directions from the [E, E] covariance (an SVD of x would build another [items, E])
+    eigval, eigvec = np.linalg.eigh(x.T @ x)  # ascending
+    order = np.argsort(eigval)[::-1]
+    rank = int((eigval > eigval.max() * 1e-10).sum()) if eigval.max() > 0 else 0
+    k = min(dim, rank)
+    proj = x @ eigvec[:, order[:k]]  # [items, k]
     out = np.zeros((x.shape[0], dim), dtype=np.float64)
     out[:, :k] = proj
     scale = out.std()

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,12 @@ from model.data.dataset import SequenceDataset
 from model.evaluate.metrics import recall_ndcg
 from model.evaluate.popularity import popularity_order
 from model.evaluate.ranking import rank_items
-from model.fair import FAIR, hash_user
+from model.fair import FAIR, FAIRConfig, hash_user
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 from model.train.batches import collate, epoch_batches, trained_items, training_windows
 from model.train.checkpoint import read_checkpoint, save_checkpoint
-from model.train.config import ConfigError, RunConfig
+from model.train.config import ConfigError, RunConfig, TrainConfig
 from model.train.distributed import DistInfo, barrier, broadcast_floats
 from model.train.item_init import text_init
 from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
@@ -69,6 +69,8 @@ def check_embeddings(embeddings: np.ndarray, num_items: int) -> None:
         raise ConfigError(
             f"item text embeddings have shape {tuple(embeddings.shape)}, expected [{num_items} items, dim]"
         )
+    if not np.isfinite(embeddings).all():
+        raise ConfigError("item text embeddings contain NaN or inf")
 
 
 def with_text_width(cfg: RunConfig, embeddings: np.ndarray | None, resume: bool) -> RunConfig:
@@ -152,6 +154,9 @@ class Trainer:
             DistributedDataParallel(
                 self.model,
                 device_ids=None if device == "cpu" else [self.dist.local_rank],
+                # every buffer (item_trained, the item_text table) is fixed after init and the same on
+                # every rank: re-sending them from rank 0 at each forward would only cost time
+                broadcast_buffers=False,
                 # the InfoNCE heads take no gradient when L_mi is switched off
                 find_unused_parameters=not (t.mi and t.beta > 0),
             )
@@ -215,10 +220,10 @@ class Trainer:
             raise ValueError(f"{self.out}: --resume with another semantic-ID table than the run used")
         if ckpt["data_fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.out}: --resume with other data than the run used")
-        if (
-            ckpt["model_config"] != self.cfg.to_dict()["model"]
-            or ckpt["train_config"] != self.cfg.to_dict()["train"]
-        ):
+        # keys added after the checkpoint was written count with their defaults (its run had none)
+        saved_model = asdict(FAIRConfig(**ckpt["model_config"]))
+        saved_train = asdict(TrainConfig(**ckpt["train_config"]))
+        if saved_model != self.cfg.to_dict()["model"] or saved_train != self.cfg.to_dict()["train"]:
             raise ValueError(f"{self.out}: --resume with another config than the run's config.json")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -86,6 +86,29 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_written_before_newer_config_keys_existed_still_resumes(synth, tmp_path):
+    """A checkpoint and config.json without keys added later (id_dropout, item_text, text_dim,
+    item_id_init): those count with their defaults, so the run resumes instead of being refused."""
+    spec, sid = synth
+    run = tmp_path / "old"
+    assert _train(spec, sid, run, "--stop-at-step", "3") == 0
+    new_model, new_train = ("id_dropout", "item_text", "text_dim"), ("item_id_init",)
+    ckpt = read_checkpoint(run / "checkpoint.pt")
+    for key in new_model:
+        del ckpt["model_config"][key]
+    for key in new_train:
+        del ckpt["train_config"][key]
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    cfg = json.loads((run / "config.json").read_text())
+    for key in new_model:
+        del cfg["model"][key]
+    for key in new_train:
+        del cfg["train"][key]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert _train(spec, sid, run, "--resume", str(run), "--stop-at-step", "5") == 0
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == 5
+
+
 def test_time_budget_stops_training_at_the_end_of_the_cosine(synth, tmp_path, capsys):
     spec, sid = synth
     out = tmp_path / "run"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,17 @@ import pytest
 from model.data.loading import load_dataset
 from model.semantic_ids.table import SemanticIdTable
 from model.train.cli import main
-from model.train.config import ConfigError, load_config, parse_set
+from model.train.config import SECTIONS, ConfigError, load_config, parse_set
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def test_default_config_file_loads_and_equals_the_dataclass_defaults():
     assert load_config(REPO / "configs" / "fair_default.toml") == load_config(None)
+    # and it names every key (a key missing from the file would also "equal" its default)
+    documented = tomllib.loads((REPO / "configs" / "fair_default.toml").read_text())
+    for section, cls in SECTIONS.items():
+        assert set(documented[section]) == {f.name for f in fields(cls)}, section
 
 
 def test_overrides_are_typed_and_ints_widen_to_floats():

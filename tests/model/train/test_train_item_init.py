@@ -60,9 +60,12 @@ def test_trainer_starts_the_id_table_from_the_text_and_checks_what_it_gets(synth
         Trainer(cfg, data, table, tmp_path / "c", progress=False)
     with pytest.raises(ConfigError, match="shape"):
         Trainer(cfg, data, table, tmp_path / "d", progress=False, item_embeddings=emb[:-1])
-    with pytest.raises(ConfigError, match="item_ids"):
-        no_ids = load_config(None, [*TINY, "train.item_id_init=text", "model.item_ids=false"])
-        Trainer(no_ids, data, table, tmp_path / "e", progress=False, item_embeddings=emb)
+    with pytest.raises(ConfigError, match="item_ids"):  # refused when the config is read
+        load_config(None, [*TINY, "train.item_id_init=text", "model.item_ids=false"])
+    with pytest.raises(ConfigError, match="NaN"):
+        bad = emb.copy()
+        bad[3, 1] = np.nan
+        Trainer(cfg, data, table, tmp_path / "f", progress=False, item_embeddings=bad)
     with pytest.raises(ConfigError, match="item_id_init"):
         load_config(None, ["train.item_id_init=pca"])
 
@@ -99,3 +102,18 @@ def test_trainer_gives_a_text_model_its_width_and_the_embeddings(synth, tmp_path
         Trainer(cfg, data, table, tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="shape"):
         Trainer(cfg, data, table, tmp_path / "c", progress=False, item_embeddings=emb[:5])
+
+
+def test_fair_train_refuses_a_table_built_from_other_embeddings_without_them(synth, tmp_path, capsys):
+    """The text start means the vectors the semantic IDs came from: a table built from another encoder
+    needs those vectors given explicitly, or fair-train would silently embed with MiniLM instead."""
+    spec, sid = synth
+    table = SemanticIdTable.load(sid)
+    other = tmp_path / "other.npz"
+    SemanticIdTable(
+        table.item_ids, table.codes, table.codebook_size, meta={"encoder": "precomputed:abc"}
+    ).save(other)
+    sets = [x for s in [*TINY, "train.max_steps=2", "train.item_id_init=text"] for x in ("--set", s)]
+    rc = main(["--data", spec, "--sid", str(other), "--out", str(tmp_path / "run"), "--quiet", *sets])
+    assert rc == 2 and "--item-embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
