@@ -81,7 +81,6 @@ def with_text_width(cfg: RunConfig, embeddings: np.ndarray | None, resume: bool)
         if resume and cfg.model.text_dim > 0:
             return cfg
         raise ConfigError("model.item_text = true needs the items' text embeddings")
-    check_embeddings(embeddings, cfg.model.num_items)
     return RunConfig(model=replace(cfg.model, text_dim=int(embeddings.shape[1])), train=cfg.train)
 
 
@@ -102,6 +101,8 @@ class Trainer:
         """``item_embeddings`` [items, E]: the items' text embeddings, needed (and only read) when a new
         run has ``train.item_id_init = "text"`` or ``model.item_text = true``."""
         self.dist = dist or DistInfo()
+        if item_embeddings is not None:
+            check_embeddings(item_embeddings, table.num_items)
         self.cfg = with_text_width(check_compatible(cfg, dataset, table), item_embeddings, resume)
         self.dataset = dataset
         self.dataset.max_history = self.cfg.train.max_history
@@ -236,14 +237,12 @@ class Trainer:
 
     def _init_ids_from_text(self, embeddings: np.ndarray | None, resume: bool) -> None:
         """``train.item_id_init = "text"``: the ID table starts from the PCA of the text embeddings
-        (``model.train.item_init``). A resumed run loads its weights instead and needs none."""
-        if self.model.item_emb is None:
-            raise ConfigError('train.item_id_init = "text" needs an item-ID table (model.item_ids = true)')
+        (``model.train.item_init``; ``RunConfig`` ensures there is an ID table). A resumed run loads its
+        weights instead and needs none."""
         if resume and embeddings is None:
             return
         if embeddings is None:
             raise ConfigError('train.item_id_init = "text" needs the items\' text embeddings')
-        check_embeddings(embeddings, self.table.num_items)
         with torch.no_grad():
             self.model.item_emb.weight.copy_(text_init(embeddings, self.cfg.model.d_model))
 

@@ -177,6 +177,16 @@ def test_item_logits_are_code_scores_plus_the_id_part_item_by_item():
         torch.testing.assert_close(model.item_logits(history, table[subset], subset), fast[:, subset])
 
 
+def _scores_with_item_and_as_unknown(model: FAIR, item: int):
+    """(items, scores with ``item`` as the newest item of user 2, scores with it replaced by -1)."""
+    codes, mask = _inputs()
+    items = _items(mask)
+    items[2, -1] = item
+    unknown = items.clone()
+    unknown[2, -1] = -1
+    return items, model.next_item_scores(codes, items, mask), model.next_item_scores(codes, unknown, mask)
+
+
 def test_untrained_items_have_no_id_part_in_input_or_score():
     model = _id_model()
     with torch.no_grad():
@@ -190,13 +200,7 @@ def test_untrained_items_have_no_id_part_in_input_or_score():
         code_only = model.head_logits(history)[:, torch.arange(4), table[7]].sum(-1)
         torch.testing.assert_close(full[:, 7], code_only, atol=1e-5, rtol=1e-5)
         # as an input, an untrained item is the same as an unknown one (-1): codes only
-        codes, mask = _inputs()
-        items = _items(mask)
-        items[2, -1] = 7
-        unknown = items.clone()
-        unknown[2, -1] = -1
-        a = model.next_item_scores(codes, items, mask)
-        b = model.next_item_scores(codes, unknown, mask)
+        items, a, b = _scores_with_item_and_as_unknown(model, 7)
         torch.testing.assert_close(a[0], b[0])
 
 
@@ -256,13 +260,7 @@ def test_item_text_joins_the_id_part_of_every_known_item_on_input_and_output():
         vec = model.id_vectors()
         torch.testing.assert_close(vec[7], text[7])  # cold: the text part alone
         torch.testing.assert_close(vec[3], model.item_emb.weight[3] + text[3])
-        codes, mask = _inputs()
-        items = _items(mask)
-        items[2, -1] = 7
-        unknown = items.clone()
-        unknown[2, -1] = -1
-        a = model.next_item_scores(codes, items, mask)
-        b = model.next_item_scores(codes, unknown, mask)
+        items, a, b = _scores_with_item_and_as_unknown(model, 7)
         assert not torch.allclose(a[1][2], b[1][2])  # a cold item is not an unknown one: it has text
         torch.testing.assert_close(model.id_input(items)[2, -1], text[7])
     with pytest.raises(ValueError, match="item_ids"):
