@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     item_id_weight_decay: float = 0.0  # decoupled decay of the item-ID table (other embeddings: none)
     item_id_init: str = "random"  # "random" | "text": the ID table starts from the items' text embeddings
+    item_id_init_std: float = 0.02  # overall std of the text start (0.02 = the random init's)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 200
     max_steps: int = 20000  # length of the cosine schedule; training stops here at the latest
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.item_id_init must be one of {list(ITEM_ID_INITS)}, got {self.item_id_init!r}"
             )
+        if self.item_id_init_std <= 0:
+            raise ConfigError(f"train.item_id_init_std must be > 0, got {self.item_id_init_std}")
         if self.eval_search not in ("exact", "beam"):
             raise ConfigError(f"train.eval_search must be 'exact' or 'beam', got {self.eval_search!r}")
         if self.num_negatives < 1:

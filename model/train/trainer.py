@@ -244,7 +244,9 @@ class Trainer:
         if embeddings is None:
             raise ConfigError('train.item_id_init = "text" needs the items\' text embeddings')
         with torch.no_grad():
-            self.model.item_emb.weight.copy_(text_init(embeddings, self.cfg.model.d_model))
+            self.model.item_emb.weight.copy_(
+                text_init(embeddings, self.cfg.model.d_model, std=self.cfg.train.item_id_init_std)
+            )
 
     def _progress(self, step: int) -> float:
         """Position in the cosine schedule: by training time under a time budget, else by steps."""

@@ -68,6 +68,12 @@ def test_trainer_starts_the_id_table_from_the_text_and_checks_what_it_gets(synth
         Trainer(cfg, data, table, tmp_path / "f", progress=False, item_embeddings=bad)
     with pytest.raises(ConfigError, match="item_id_init"):
         load_config(None, ["train.item_id_init=pca"])
+    with pytest.raises(ConfigError, match="item_id_init_std"):
+        load_config(None, ["train.item_id_init_std=0.0"])
+    # train.item_id_init_std sets the size of the start, not its shape
+    wide = load_config(None, [*TINY, "train.item_id_init=text", "train.item_id_init_std=0.1"])
+    rows = Trainer(wide, data, table, tmp_path / "g", progress=False, item_embeddings=emb).model.item_emb.weight
+    torch.testing.assert_close(rows.detach(), text_init(emb, 32) * 5.0, rtol=1e-4, atol=1e-6)
 
 
 def test_fair_train_reads_item_embeddings_from_a_file(synth, tmp_path, capsys):
