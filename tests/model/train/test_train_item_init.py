@@ -72,7 +72,9 @@ def test_trainer_starts_the_id_table_from_the_text_and_checks_what_it_gets(synth
         load_config(None, ["train.item_id_init_std=0.0"])
     # train.item_id_init_std sets the size of the start, not its shape
     wide = load_config(None, [*TINY, "train.item_id_init=text", "train.item_id_init_std=0.1"])
-    rows = Trainer(wide, data, table, tmp_path / "g", progress=False, item_embeddings=emb).model.item_emb.weight
+    rows = Trainer(
+        wide, data, table, tmp_path / "g", progress=False, item_embeddings=emb
+    ).model.item_emb.weight
     torch.testing.assert_close(rows.detach(), text_init(emb, 32) * 5.0, rtol=1e-4, atol=1e-6)
 
 
