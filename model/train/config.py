@@ -46,6 +46,7 @@ class TrainConfig:
     budget_minutes: float = 0.0  # > 0: train this long (optimisation time) with the cosine over time
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # > 0: validate, keep and export an exponential moving average of the weights
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay float32)
     # objectives
     item_loss: str = "full"  # L_next: "full" softmax over the catalog | "sampled" (in-batch + sampled, logQ)
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.item_id_init must be one of {list(ITEM_ID_INITS)}, got {self.item_id_init!r}"
             )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.item_id_init_std <= 0:
             raise ConfigError(f"train.item_id_init_std must be > 0, got {self.item_id_init_std}")
         if self.eval_search not in ("exact", "beam"):

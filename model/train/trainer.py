@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.data.dataset import SequenceDataset
@@ -143,6 +144,14 @@ class Trainer:
         self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
+        # train.ema_decay: an exponential moving average of the weights (torch's AveragedModel) is what
+        # validation ranks, best.pt keeps and fair-export ships; the raw weights only go on training.
+        # Built after every fixed buffer is set: buffers are copied, not averaged.
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
+            if t.ema_decay > 0
+            else None
+        )
         # Items without a training interaction are not in the training catalog: never a negative of the
         # softmax (else their codes' scores are pushed down for being absent, and an item that arrives
         # after training could never be recommended), and never sampled.
@@ -226,7 +235,12 @@ class Trainer:
         saved_train = asdict(TrainConfig(**ckpt["train_config"]))
         if saved_model != self.cfg.to_dict()["model"] or saved_train != self.cfg.to_dict()["train"]:
             raise ValueError(f"{self.out}: --resume with another config than the run's config.json")
-        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.model.load_state_dict(ckpt["train_model"])
+            self.ema.module.load_state_dict(ckpt["model"])
+            self.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
@@ -257,8 +271,9 @@ class Trainer:
 
     def _checkpoint(self) -> dict[str, Any]:
         cfg = self.cfg.to_dict()
-        return {
-            "model": self.model.state_dict(),
+        ckpt = {
+            # the weights that are evaluated and exported: the average when train.ema_decay > 0
+            "model": self._eval_model().state_dict(),
             "model_config": cfg["model"],
             "train_config": cfg["train"],
             "optimizer": self.optimizer.state_dict(),
@@ -277,6 +292,14 @@ class Trainer:
                 "train_seconds": self.train_seconds,
             },
         }
+        if self.ema is not None:  # what a resume continues from
+            ckpt["train_model"] = self.model.state_dict()
+            ckpt["ema_n_averaged"] = int(self.ema.n_averaged.item())
+        return ckpt
+
+    def _eval_model(self) -> FAIR:
+        """The network validation ranks and checkpoints keep: the weight average if there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -373,7 +396,7 @@ class Trainer:
     # ---- validation ------------------------------------------------------------------------------
     def evaluate(self, histories, targets, users=None, progress: bool = False) -> dict[str, float]:
         items, _ = rank_items(
-            self.model,
+            self._eval_model(),
             self.table,
             self.trie,
             histories,
@@ -416,6 +439,8 @@ class Trainer:
                 terms["loss"].backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
                 self.train_seconds += time.monotonic() - step_start
                 self.scheduler.step()
                 self.step += 1
@@ -497,7 +522,7 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         best = read_checkpoint(self.out / "best.pt")
-        self.model.load_state_dict(best["model"])
+        self._eval_model().load_state_dict(best["model"])
         result: dict[str, Any] = {"step": best["step"]}
         for name in ("valid", "test"):
             split = self.dataset.eval_split(name)

@@ -88,11 +88,12 @@ def test_resume_continues_exactly(synth, tmp_path):
 
 def test_a_run_written_before_newer_config_keys_existed_still_resumes(synth, tmp_path):
     """A checkpoint and config.json without keys added later (id_dropout, item_text, text_dim,
-    item_id_init): those count with their defaults, so the run resumes instead of being refused."""
+    item_id_init, item_id_init_std, ema_decay): those count with their defaults, so the run resumes instead of being refused."""
     spec, sid = synth
     run = tmp_path / "old"
     assert _train(spec, sid, run, "--stop-at-step", "3") == 0
-    new_model, new_train = ("id_dropout", "item_text", "text_dim"), ("item_id_init",)
+    new_model = ("id_dropout", "item_text", "text_dim")
+    new_train = ("item_id_init", "item_id_init_std", "ema_decay")
     ckpt = read_checkpoint(run / "checkpoint.pt")
     for key in new_model:
         del ckpt["model_config"][key]
@@ -147,3 +148,28 @@ def test_item_id_weight_decay_shrinks_only_the_item_id_table(synth, tmp_path):
     assert norm[50.0] < 0.7 * norm[0.0], norm
     assert len(runs[0.0]["optimizer"]["param_groups"]) == 2  # old two-group checkpoints still resume
     assert [g["weight_decay"] for g in runs[50.0]["optimizer"]["param_groups"]][-1] == 50.0
+
+
+def test_weight_average_is_what_is_validated_kept_and_resumed_exactly(synth, tmp_path):
+    """train.ema_decay: checkpoints keep the moving average as "model" (what fair-eval and fair-export
+    read) and the raw weights beside it, and a resume continues both exactly."""
+    spec, sid = synth
+    ema = ("--set", "train.ema_decay=0.5")
+    straight, chunked, plain = tmp_path / "straight", tmp_path / "chunked", tmp_path / "plain"
+    assert _train(spec, sid, straight, "--stop-at-step", "6", *ema) == 0
+    assert _train(spec, sid, chunked, "--stop-at-step", "3", *ema) == 0
+    assert _train(spec, sid, chunked, "--resume", str(chunked), "--stop-at-step", "6") == 0
+    assert _train(spec, sid, plain, "--stop-at-step", "6") == 0
+    a, b, p = (read_checkpoint(d / "checkpoint.pt") for d in (straight, chunked, plain))
+    assert a["ema_n_averaged"] == b["ema_n_averaged"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["train_model"][k], b["train_model"][k]), k
+        # the raw weights are those of a run without the average; the average lags behind them
+        assert torch.equal(a["train_model"][k], p["model"][k]), k
+    assert not torch.equal(a["model"]["item_emb.weight"], a["train_model"]["item_emb.weight"])
+    model, _ = load_model(straight)  # best.pt: the average
+    best = read_checkpoint(straight / "best.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best["model"][k]), k
+    assert _train(spec, sid, tmp_path / "bad", "--set", "train.ema_decay=1.0") == 2
