@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -56,6 +57,19 @@ class ItemScorer:
     def num_items(self) -> int:
         return int(self.codes.shape[0])
 
+    @cached_property
+    def _codes_by_level(self) -> np.ndarray:
+        """``[L, I]`` int64, each level's codes contiguous (the gathers of ``all_scores`` read them)."""
+        return np.ascontiguousarray(self.codes.T, dtype=np.int64)
+
+    @cached_property
+    def _vectors_t(self) -> np.ndarray:
+        """``[D, I]`` contiguous copy of the item vectors, made on the first exact scoring: the
+        ``[B, D] x [D, I]`` product runs ~2.5x faster on it than on the transposed view (measured in
+        docs/benchmarks.md). It doubles the vector table's memory, so the beam (large catalogs),
+        which only gathers rows, never builds it."""
+        return np.ascontiguousarray(self.vectors.T)
+
     def _check(self, code_scores: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cs = np.asarray(code_scores, dtype=np.float32)
         q = np.asarray(query, dtype=np.float32)
@@ -75,11 +89,12 @@ class ItemScorer:
         cs, q = self._check(code_scores, query)
         L, V = cs.shape[1], cs.shape[2]
         flat = cs.reshape(cs.shape[0], L * V)
-        scores = np.take(flat, self.codes[:, 0], axis=1)
+        by_level = self._codes_by_level
+        scores = np.take(flat, by_level[0], axis=1)
         for level in range(1, L):
-            scores += np.take(flat, self.codes[:, level] + level * V, axis=1)
+            scores += np.take(flat, by_level[level] + level * V, axis=1)
         if self.vectors is not None:
-            scores += q @ self.vectors.T
+            scores += q @ self._vectors_t
             scores += self.bias
         return scores
 
@@ -97,9 +112,38 @@ class ItemScorer:
         return np.where(items >= 0, scores, -np.inf).astype(np.float32)
 
 
+TOP_K_BLOCK = 128  # columns per block of the fast top-k
+
+
 def top_k(scores: np.ndarray, k: int) -> SearchResult:
     """Best ``k`` of each row of ``scores`` ``[B, C]`` (``-inf`` = not a candidate), best first; ties go
-    to the lower column. Padded with -1 / -inf when a row has fewer than k finite scores."""
+    to the lower column. Padded with -1 / -inf when a row has fewer than k finite scores.
+
+    The fast form of ``top_k_reference`` (parity-tested): the row's best k items lie in the k blocks of
+    ``TOP_K_BLOCK`` columns with the highest maxima, so one vectorised max per block and a selection
+    among k * TOP_K_BLOCK candidates replace a selection over the whole row (12k-item catalog, batch
+    16: ~4x faster)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    batch, width = scores.shape
+    blocks = -(-width // TOP_K_BLOCK)
+    if blocks <= 2 * k:  # too few blocks for the pre-selection to pay
+        return top_k_reference(scores, k)
+    padded = scores
+    if blocks * TOP_K_BLOCK != width:
+        padded = np.full((batch, blocks * TOP_K_BLOCK), -np.inf, dtype=scores.dtype)
+        padded[:, :width] = scores
+    block_max = padded.reshape(batch, blocks, TOP_K_BLOCK).max(axis=2)
+    best_blocks = np.sort(np.argpartition(block_max, blocks - k, axis=1)[:, blocks - k :], axis=1)
+    # ascending blocks keep the candidates in column order, so ties still go to the lower column
+    cols = (best_blocks[:, :, None] * TOP_K_BLOCK + np.arange(TOP_K_BLOCK)).reshape(batch, -1)
+    best = top_k_reference(np.take_along_axis(padded, cols, axis=1), k)
+    picked = np.take_along_axis(cols, np.maximum(best.items, 0), axis=1)
+    return SearchResult(items=np.where(best.items >= 0, picked, -1), scores=best.scores)
+
+
+def top_k_reference(scores: np.ndarray, k: int) -> SearchResult:
+    """The reference form of ``top_k``: one selection over each whole row."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     batch, width = scores.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.search.scoring import ItemScorer, exact_search, search, top_k
+from model.search.scoring import ItemScorer, exact_search, search, top_k, top_k_reference
 from model.semantic_ids.trie import CodeTrie
 
 
@@ -91,3 +91,26 @@ def test_fewer_items_than_k_are_padded_and_bad_input_is_refused():
     with pytest.raises(ValueError, match="candidates"):
         search(scorer, trie, cs, q, 10, "beam", candidates=5)
     assert top_k(np.array([[1.0, 3.0, 3.0]]), 2).items.tolist() == [[1, 2]]  # ties: lower column first
+
+
+@pytest.mark.parametrize("width", [1000, 2560, 3001])
+def test_fast_top_k_matches_the_reference(width):
+    """top_k pre-selects blocks of columns; it must pick what one selection over the row picks,
+    also with excluded items, rows with fewer than k finite scores and ties."""
+    rng = np.random.default_rng(width)
+    scores = rng.standard_normal((7, width)).astype(np.float32)
+    scores[0, rng.choice(width, width // 2, replace=False)] = -np.inf
+    scores[1, :] = -np.inf
+    scores[1, [5, width - 1, 700]] = [1.0, 2.0, 1.0]  # three candidates, a tie between two of them
+    scores[2, [3, 900, width - 2]] = 50.0  # a three-way tie at the top, across blocks
+    scores[3] = np.round(scores[3] * 2) / 2  # many ties everywhere
+    # which of equal scores fills the k-th place is arbitrary in both forms (row 3 everywhere, rows 1
+    # and 2 for k < 3); ties inside the top k go to the lower column
+    for k in (3, 10, 25):
+        fast, ref = top_k(scores, k), top_k_reference(scores, k)
+        rows = [0, 1, 2, 4, 5, 6]
+        np.testing.assert_array_equal(fast.items[rows], ref.items[rows])
+        np.testing.assert_array_equal(fast.scores, ref.scores)
+    assert top_k(scores, 3).items[1].tolist() == [width - 1, 5, 700]
+    assert top_k(scores, 3).items[2].tolist() == [3, 900, width - 2]
+    np.testing.assert_array_equal(top_k(scores[4:], 1).items, top_k_reference(scores[4:], 1).items)
