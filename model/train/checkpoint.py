@@ -2,7 +2,9 @@
 
 A checkpoint is a dict (see docs/architecture.md): ``model`` (state_dict), ``model_config``,
 ``train_config``, ``optimizer``, ``scheduler``, ``step``, ``epoch``, ``best_metric``, ``sid_sha256``,
-``data_fingerprint``, ``rng``. Writing goes through a temp file in the same directory and
+``data_fingerprint``, ``rng``; with ``train.ema_decay > 0``, ``model`` is the weight average (what is
+evaluated and exported) and ``train_model`` / ``ema_n_averaged`` hold the raw weights and the average's
+count for a resume. Writing goes through a temp file in the same directory and
 ``os.replace`` so a crash mid-write never leaves a truncated ``checkpoint.pt`` behind.
 """
 

@@ -9,6 +9,7 @@ that silently falls back to a default wastes a whole training run.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 import types
 import typing
@@ -77,7 +78,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.item_id_init_std <= 0:
+        if not (math.isfinite(self.item_id_init_std) and self.item_id_init_std > 0):
             raise ConfigError(f"train.item_id_init_std must be > 0, got {self.item_id_init_std}")
         if self.eval_search not in ("exact", "beam"):
             raise ConfigError(f"train.eval_search must be 'exact' or 'beam', got {self.eval_search!r}")

@@ -146,7 +146,8 @@ class Trainer:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
         # train.ema_decay: an exponential moving average of the weights (torch's AveragedModel) is what
         # validation ranks, best.pt keeps and fair-export ships; the raw weights only go on training.
-        # Built after every fixed buffer is set: buffers are copied, not averaged.
+        # Buffers are not averaged: AveragedModel copies them from the raw model at every update (the
+        # fixed ones, item_trained and a text model's item_text, never change, so the copy is the same).
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
             if t.ema_decay > 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.search.scoring import ItemScorer, exact_search, search, top_k, top_k_reference
+from model.search import scoring
+from model.search.scoring import ItemScorer, exact_search, search, top_k
 from model.semantic_ids.trie import CodeTrie
+
+_ref = scoring.top_k_reference
 
 
 def _catalog(seed=0, items=300, levels=3, vocab=8, dim=5, with_ids=True):
@@ -93,24 +96,34 @@ def test_fewer_items_than_k_are_padded_and_bad_input_is_refused():
     assert top_k(np.array([[1.0, 3.0, 3.0]]), 2).items.tolist() == [[1, 2]]  # ties: lower column first
 
 
-@pytest.mark.parametrize("width", [1000, 2560, 3001])
-def test_fast_top_k_matches_the_reference(width):
+@pytest.mark.parametrize("width", [3001, 7680, 12101])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_top_k_matches_the_reference(width, dtype, monkeypatch):
     """top_k pre-selects blocks of columns; it must pick what one selection over the row picks,
-    also with excluded items, rows with fewer than k finite scores and ties."""
+    also with excluded items, NaN, rows with fewer than k finite scores and ties."""
     rng = np.random.default_rng(width)
-    scores = rng.standard_normal((7, width)).astype(np.float32)
+    scores = rng.standard_normal((8, width)).astype(dtype)
     scores[0, rng.choice(width, width // 2, replace=False)] = -np.inf
     scores[1, :] = -np.inf
     scores[1, [5, width - 1, 700]] = [1.0, 2.0, 1.0]  # three candidates, a tie between two of them
     scores[2, [3, 900, width - 2]] = 50.0  # a three-way tie at the top, across blocks
     scores[3] = np.round(scores[3] * 2) / 2  # many ties everywhere
+    scores[4, : width // 2] = np.nan  # NaN is never a candidate, whole NaN blocks included
+    widths = []  # the rows top_k_reference ranks: a fast top_k hands it k blocks, not the row
+    monkeypatch.setattr(scoring, "top_k_reference", lambda x, k: widths.append(x.shape[1]) or _ref(x, k))
     # which of equal scores fills the k-th place is arbitrary in both forms (row 3 everywhere, rows 1
     # and 2 for k < 3); ties inside the top k go to the lower column
     for k in (3, 10, 25):
-        fast, ref = top_k(scores, k), top_k_reference(scores, k)
-        rows = [0, 1, 2, 4, 5, 6]
+        if -(-width // scoring.TOP_K_BLOCK) <= 2 * k:
+            continue
+        widths.clear()
+        fast, ref = scoring.top_k(scores, k), _ref(scores, k)
+        assert widths == [k * scoring.TOP_K_BLOCK]
+        rows = [0, 1, 2, 4, 5, 6, 7]
         np.testing.assert_array_equal(fast.items[rows], ref.items[rows])
         np.testing.assert_array_equal(fast.scores, ref.scores)
-    assert top_k(scores, 3).items[1].tolist() == [width - 1, 5, 700]
-    assert top_k(scores, 3).items[2].tolist() == [3, 900, width - 2]
-    np.testing.assert_array_equal(top_k(scores[4:], 1).items, top_k_reference(scores[4:], 1).items)
+        assert not np.isnan(fast.scores).any() and (fast.items[4] >= width // 2).all()
+    assert scoring.top_k(scores, 3).items[1].tolist() == [width - 1, 5, 700]
+    assert scoring.top_k(scores, 3).items[2].tolist() == [3, 900, width - 2]
+    empty = scoring.top_k(scores[:0], 3)
+    assert empty.items.shape == (0, 3) and empty.scores.shape == (0, 3)
