@@ -46,8 +46,9 @@ DEMO_TRAIN_SET = (
     "model.n_heads=2",
     "train.eval_every=150",
     "train.eval_users=500",
-    # the ID table starts from the items' text, as in configs/amazon.toml (docs/model.md)
+    # the ID table starts from the items' text at std 0.06, as in configs/amazon.toml (docs/model.md)
     "train.item_id_init=text",
+    "train.item_id_init_std=0.06",
 )
 CLI_MODULES = {
     "fair-data": "model.data.cli",
