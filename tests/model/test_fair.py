@@ -127,6 +127,11 @@ def test_model_fast_and_plain_paths_agree_and_outputs_have_contract_shapes(atten
     assert code_scores.shape == (3, 4, 16) and code_scores.dtype == torch.float32
     assert query.shape == (3, 32) and query.dtype == torch.float32
     torch.testing.assert_close(code_scores, plain.logits[:, -1])
+    # the exported path runs the heads at the newest boundary only: same numbers as all boundaries
+    last = model(codes, mask, plain=True, last_only=True)
+    assert last.logits.shape == (3, 1, 4, 16) and last.history.shape == (3, 1, 32)
+    torch.testing.assert_close(last.logits, plain.logits[:, -1:], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(query, model.query(plain.history[:, -1]), atol=1e-6, rtol=1e-6)
 
 
 def _items(mask: torch.Tensor, num_items: int = 40, seed: int = 1) -> torch.Tensor:
