@@ -242,15 +242,25 @@ class SelfAttention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, allowed: torch.Tensor, plain: bool, return_attn: bool
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        plain: bool,
+        return_attn: bool,
+        last_query: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B,T,D] -> [B,T,D], or [B,1,D] with ``last_query`` (only the newest position asks:
+        keys and values still come from every position)."""
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         q, k, v = self.qkv(x).split(D, dim=-1)  # each [B,T,D]
+        if last_query:
+            q, allowed = q[:, -1:], allowed[:, :, -1:]  # [B,1,D], [B,1,1,T]
+        Tq = q.size(1)
         v = v.view(B, T, H, hd).transpose(1, 2)  # [B,H,T,hd]
         attn = None
         if not self.focused:
-            q = q.view(B, T, H, hd).transpose(1, 2)
+            q = q.view(B, Tq, H, hd).transpose(1, 2)
             k = k.view(B, T, H, hd).transpose(1, 2)
             if plain or return_attn:
                 y, attn = reference_attention(q, k, v, allowed)
@@ -258,7 +268,7 @@ class SelfAttention(nn.Module):
                 y = _sdpa(q, k, v, allowed)
         else:
             # split every head's query/key into the two halves: [B,H,T,2,hd/2]
-            q = q.view(B, T, H, 2, hd // 2).permute(3, 0, 2, 1, 4)  # [2,B,H,T,hd/2]
+            q = q.view(B, Tq, H, 2, hd // 2).permute(3, 0, 2, 1, 4)  # [2,B,H,Tq,hd/2]
             k = k.view(B, T, H, 2, hd // 2).permute(3, 0, 2, 1, 4)
             lam = self.lam().to(v.dtype)
             if plain or return_attn:
@@ -266,7 +276,7 @@ class SelfAttention(nn.Module):
             else:
                 y = focused_attention_fast(q[0], k[0], q[1], k[1], v, lam, allowed)
             y = self.head_norm(y) * (1.0 - self.lambda_init)  # per-head RMSNorm, fixed rescale
-        y = y.transpose(1, 2).reshape(B, T, D)
+        y = y.transpose(1, 2).reshape(B, Tq, D)
         return self.proj(y), (attn if return_attn else None)
 
 
@@ -284,10 +294,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, allowed: torch.Tensor, plain: bool, return_attn: bool
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        plain: bool,
+        return_attn: bool,
+        last_query: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, attn = self.attn(self.ln1(x), allowed, plain, return_attn)
-        x = x + self.drop(a)
+        a, attn = self.attn(self.ln1(x), allowed, plain, return_attn, last_query)
+        x = (x[:, -1:] if last_query else x) + self.drop(a)  # [B,1,D] with last_query
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, attn
 
@@ -406,7 +421,8 @@ class FAIR(nn.Module):
         ``plain=True`` (or ``return_attn``) uses the reference attention (the exported form);
         otherwise the fused SDPA kernels, which give the same numbers faster. ``last_only=True``
         keeps only the newest boundary (``logits`` [B,1,L,V], ``history`` [B,1,D]): serving needs no
-        other, and the heads at every boundary were ~28% of the exported graph's time.
+        other, so the heads and the last block's queries and MLP run for the newest position alone
+        (the heads at every boundary were ~28% of the exported graph's time).
         """
         cfg = self.cfg
         B, N, L = codes.shape
@@ -439,14 +455,17 @@ class FAIR(nn.Module):
         allowed = (causal[None] & key_real[:, None, :])[:, None]  # [B,1,T,T] query i may see key j
         x = self.drop(x)
         maps = [] if return_attn else None
-        for block in self.blocks:
-            x, attn = block(x, allowed, plain, return_attn)
+        for i, block in enumerate(self.blocks):
+            # last_only: the last block computes the newest position alone (its MLP and queries
+            # elsewhere would feed nothing that is read)
+            x, attn = block(
+                x, allowed, plain, return_attn, last_query=last_only and i == len(self.blocks) - 1
+            )
             if maps is not None:
                 maps.append(attn)
         x = self.ln_f(x)
-        history = x[:, T - N * P + P - 1 :: P]  # [B,N,D] hidden at the last token of every item
-        if last_only:
-            history = history[:, -1:]  # [B,1,D]
+        # [B,N,D] hidden at the last token of every item; [B,1,D] (the newest token) with last_only
+        history = x if last_only else x[:, T - N * P + P - 1 :: P]
         return FAIROutput(self.head_logits(history), history, maps)
 
     def head_logits(self, history: torch.Tensor) -> torch.Tensor:

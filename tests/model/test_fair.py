@@ -134,6 +134,24 @@ def test_model_fast_and_plain_paths_agree_and_outputs_have_contract_shapes(atten
     torch.testing.assert_close(query, model.query(plain.history[:, -1]), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("item_tokens", ["item", "codes"])
+@pytest.mark.parametrize("user_buckets", [0, 5])
+def test_the_served_forward_at_the_newest_item_equals_the_full_forward(item_tokens, user_buckets):
+    """next_item_scores runs the last block for the newest position only: the same numbers as the
+    full forward read at its last boundary, with one or L tokens per item and with a user token."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=3, n_heads=2, dropout=0.0, num_items=40,
+                     item_tokens=item_tokens, user_buckets=user_buckets)  # fmt: skip
+    model = FAIR(cfg).eval()
+    codes, mask = _inputs()
+    items = _items(mask)
+    users = torch.tensor([1, 2, 3]) if user_buckets else None
+    full = model(codes, mask, plain=True, items=items, user_buckets=users)
+    code_scores, query = model.next_item_scores(codes, items, mask, user_buckets=users)
+    torch.testing.assert_close(code_scores, full.logits[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(query, model.query(full.history[:, -1]), atol=1e-5, rtol=1e-5)
+
+
 def _items(mask: torch.Tensor, num_items: int = 40, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(0, num_items, mask.shape, generator=g)
