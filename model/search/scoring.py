@@ -66,8 +66,8 @@ class ItemScorer:
     def _vectors_t(self) -> np.ndarray:
         """``[D, I]`` contiguous copy of the item vectors, made on the first exact scoring: the
         ``[B, D] x [D, I]`` product runs up to 2x faster on it than on the transposed view (batch 16,
-        12k items; bench/bench_exact_kernels.py, docs/benchmarks.md). It doubles the vector table's memory, so the beam (large catalogs),
-        which only gathers rows, never builds it."""
+        12k items; bench/bench_exact_kernels.py, docs/benchmarks.md). It doubles the vector table's
+        memory, so the beam (large catalogs), which only gathers rows, never builds it."""
         return np.ascontiguousarray(self.vectors.T)
 
     def _check(self, code_scores: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
