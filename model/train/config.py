@@ -1,7 +1,8 @@
 """Typed run configuration: ``[model]`` (-> ``FAIRConfig``) and ``[train]`` (-> ``TrainConfig``).
 
 Configs are TOML files (``configs/fair_default.toml`` documents every key with a comment) plus
-``--set section.key=value`` overrides. Every key and every value type is checked before any data is
+``--set section.key=value`` overrides; a file may start with ``extends = "base.toml"`` and list only
+what differs. Every key and every value type is checked before any data is
 read or any step is taken, and an error names the file (or ``--set``) and the key, because a typo
 that silently falls back to a default wastes a whole training run.
 """
@@ -174,20 +175,38 @@ def parse_set(item: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
+def _merge_file(raw: dict[str, dict[str, Any]], path: Path, chain: tuple[Path, ...] = ()) -> None:
+    """Merge a TOML file (or a run dir's config.json) into ``raw``, its ``extends`` parent first.
+
+    ``extends = "other.toml"`` (a path relative to the file) lets a dataset's config say only what
+    differs from a shared one, so the two cannot drift apart; parents may extend further.
+    """
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: extends itself ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(
+                f"{path}: extends must be a path string, got {type(parent).__name__} {parent!r}"
+            )
+        _merge_file(raw, path.parent / parent, (*chain, path.resolve()))
+    _merge(raw, data, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- TOML file (or a run dir's config.json) <- ``--set`` overrides, all type-checked."""
+    """Defaults <- TOML file (and what it extends) or a run dir's config.json <- ``--set`` overrides.
+
+    Everything is type-checked; an error names the file (or ``--set``) and the key.
+    """
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
-            ) from exc
-        _merge(raw, data, str(path))
+        _merge_file(raw, Path(path))
     for item in overrides or []:
         _merge(raw, parse_set(item), f"--set {item}")
     try:
