@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Amazon quality table of docs/benchmarks.md, one command per row, from a fresh clone with ../shared
 # beside it: builds what it needs (the venv, the RQ-VAE semantic-ID table), trains from the shipped
-# config configs/amazon.toml with one step budget for every row (equal work, not equal time: the
-# machines are shared), evaluates the test split with fair-eval (the service's search) and prints the
-# test metrics JSON (fair-eval's keys) as its last line.
+# config (Beauty: configs/amazon.toml; Sports: configs/amazon_sports.toml, which extends it) with one
+# step budget for every row (equal work, not equal time: the machines are shared), evaluates the test
+# split with fair-eval (the service's search) and prints the test metrics JSON (fair-eval's keys) as
+# its last line.
 #
 #   bash bench/quality_runs.sh beauty fair        # one row: the shipped FAIR configuration
 #   bash bench/quality_runs.sh beauty             # every Beauty row: fair standard no_robust no_mi
@@ -18,8 +19,8 @@ cd "$(dirname "$0")/.."
 
 usage() { echo "usage: $0 beauty|sports [fair|standard|no_robust|no_mi ...]" >&2; exit 2; }
 case "${1:-}" in
-  beauty) DATA=Beauty; DEFAULT_ROWS="fair standard no_robust no_mi" ;;
-  sports) DATA=Sports; DEFAULT_ROWS="fair standard" ;;
+  beauty) DATA=Beauty; CONFIG=configs/amazon.toml; DEFAULT_ROWS="fair standard no_robust no_mi" ;;
+  sports) DATA=Sports; CONFIG=configs/amazon_sports.toml; DEFAULT_ROWS="fair standard" ;;
   *) usage ;;
 esac
 DATASET=$1; shift
@@ -27,7 +28,6 @@ ROWS=${*:-$DEFAULT_ROWS}
 THREADS=${THREADS:-2}
 SHARED=${SHARED:-../shared/data/amazon}
 OUT=${OUT:-runs/quality}
-CONFIG=configs/amazon.toml
 [ -d "$SHARED/$DATA" ] || { echo "$0: no $SHARED/$DATA (set SHARED=...)" >&2; exit 2; }
 for row in $ROWS; do
   case $row in fair|standard|no_robust|no_mi) ;; *) echo "$0: unknown row '$row'" >&2; usage ;; esac

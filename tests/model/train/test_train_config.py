@@ -62,6 +62,41 @@ def test_bad_file_names_the_file_and_key(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+def test_a_config_extends_another_and_overrides_only_what_it_lists(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.toml").write_text("[train]\nlr = 1e-3\nbatch_size = 32\n")
+    (tmp_path / "base" / "mid.toml").write_text('extends = "root.toml"\n[train]\nbatch_size = 64\nseed = 7\n')
+    (tmp_path / "leaf.toml").write_text('extends = "base/mid.toml"\n[train]\nseed = 9\n')
+    cfg = load_config(tmp_path / "leaf.toml", ["train.lr=0.5"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.seed) == (0.5, 64, 9)
+    assert load_config(tmp_path / "base" / "mid.toml").train.seed == 7  # the parent file is unchanged
+
+
+def test_shipped_sports_config_differs_from_amazon_only_where_it_says(tmp_path):
+    sports = tomllib.loads((REPO / "configs" / "amazon_sports.toml").read_text())
+    assert sports.pop("extends") == "amazon.toml"
+    base = load_config(REPO / "configs" / "amazon.toml").to_dict()
+    merged = load_config(REPO / "configs" / "amazon_sports.toml").to_dict()
+    changed = {(s, k) for s in merged for k in merged[s] if merged[s][k] != base[s][k]}
+    assert changed == {(s, k) for s, values in sports.items() for k in values}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('extends = "missing.toml"\n', r"missing\.toml: no such config file \(extended by .*a\.toml\)"),
+        ('extends = "a.toml"\n', r"a\.toml: extends itself"),
+        ("extends = 3\n", r"a\.toml: extends must be a path string, got int 3"),
+        ('extends = "b.toml"\n[train]\nlr = 1e-3\n', r"b\.toml: unknown key train\.lrr"),
+    ],
+)
+def test_bad_extends_names_the_file(tmp_path, text, message):
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "b.toml").write_text("[train]\nlrr = 1\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.toml")
+
+
 def test_cli_rejects_bad_config_before_creating_the_run(synth, tmp_path, capsys):
     spec, sid = synth
     out = tmp_path / "run"
