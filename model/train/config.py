@@ -181,21 +181,24 @@ def _merge_file(raw: dict[str, dict[str, Any]], path: Path, chain: tuple[Path, .
     ``extends = "other.toml"`` (a path relative to the file) lets a dataset's config say only what
     differs from a shared one, so the two cannot drift apart; parents may extend further.
     """
-    if not path.exists():
-        raise ConfigError(f"{path}: no such config file" + (f" (extended by {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise ConfigError(f"{path}: extends itself ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
+    if not path.is_file():
+        what = "is a directory, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {what}" + (f" (extended by {chain[-1]})" if chain else ""))
+    real = path.resolve()  # parents are found next to the real file, even through a symlink
+    if real in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, real))
+        raise ConfigError(f"{path}: extends cycle ({cycle})")
     try:
         data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError(
-                f"{path}: extends must be a path string, got {type(parent).__name__} {parent!r}"
-            )
-        _merge_file(raw, path.parent / parent, (*chain, path.resolve()))
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{path}: extends must be a non-empty path string, got {parent!r}")
+        _merge_file(raw, real.parent / parent, (*chain, real))
     _merge(raw, data, str(path))
 
 

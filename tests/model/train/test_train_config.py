@@ -72,7 +72,7 @@ def test_a_config_extends_another_and_overrides_only_what_it_lists(tmp_path):
     assert load_config(tmp_path / "base" / "mid.toml").train.seed == 7  # the parent file is unchanged
 
 
-def test_shipped_sports_config_differs_from_amazon_only_where_it_says(tmp_path):
+def test_shipped_sports_config_differs_from_amazon_only_where_it_says():
     sports = tomllib.loads((REPO / "configs" / "amazon_sports.toml").read_text())
     assert sports.pop("extends") == "amazon.toml"
     base = load_config(REPO / "configs" / "amazon.toml").to_dict()
@@ -81,18 +81,34 @@ def test_shipped_sports_config_differs_from_amazon_only_where_it_says(tmp_path):
     assert changed == {(s, k) for s, values in sports.items() for k in values}
 
 
+def test_a_symlinked_config_finds_its_parent_next_to_the_real_file(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "base.toml").write_text("[train]\nseed = 5\n")
+    (tmp_path / "real" / "child.toml").write_text('extends = "base.toml"\n')
+    (tmp_path / "link.toml").symlink_to(tmp_path / "real" / "child.toml")
+    assert load_config(tmp_path / "link.toml").train.seed == 5
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ('extends = "missing.toml"\n', r"missing\.toml: no such config file \(extended by .*a\.toml\)"),
-        ('extends = "a.toml"\n', r"a\.toml: extends itself"),
-        ("extends = 3\n", r"a\.toml: extends must be a path string, got int 3"),
+        ('extends = "a.toml"\n', r"a\.toml: extends cycle"),
+        ('extends = "c.toml"\n', r"a\.toml: extends cycle \(.*a\.toml -> .*c\.toml -> .*a\.toml\)"),
+        ('extends = "./a.toml"\n', r"a\.toml: extends cycle"),  # the same file spelled differently
+        ("extends = 3\n", r"a\.toml: extends must be a non-empty path string, got 3"),
+        ('extends = ""\n', r"a\.toml: extends must be a non-empty path string"),
+        ('extends = "sub"\n', r"sub: is a directory, not a config file \(extended by .*a\.toml\)"),
+        ('extends = "list.json"\n', r"list\.json: expected a table of sections, got list"),
         ('extends = "b.toml"\n[train]\nlr = 1e-3\n', r"b\.toml: unknown key train\.lrr"),
     ],
 )
 def test_bad_extends_names_the_file(tmp_path, text, message):
     (tmp_path / "a.toml").write_text(text)
     (tmp_path / "b.toml").write_text("[train]\nlrr = 1\n")
+    (tmp_path / "c.toml").write_text('extends = "a.toml"\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "a.toml")
 
