@@ -2,9 +2,9 @@
 
 Configs are TOML files (``configs/fair_default.toml`` documents every key with a comment) plus
 ``--set section.key=value`` overrides; a file may start with ``extends = "base.toml"`` and list only
-what differs. Every key and every value type is checked before any data is
-read or any step is taken, and an error names the file (or ``--set``) and the key, because a typo
-that silently falls back to a default wastes a whole training run.
+what differs. Every key and every value type is checked before any data is read or any step is taken,
+and an error names the file (or ``--set``) and the key, because a typo that silently falls back to a
+default wastes a whole training run.
 """
 
 from __future__ import annotations
