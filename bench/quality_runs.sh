@@ -13,7 +13,8 @@
 # The semantic-ID table is built with one torch thread (bit-reproducible; what the table in the docs used).
 #
 # Environment: OUT (default runs/quality), STEPS (default: the config's max_steps), THREADS (torch
-# threads per run, default 2), SHARED (default ../shared/data/amazon).
+# threads per run, default 2), SHARED (default ../shared/data/amazon), SEED (train.seed; unset = the
+# config's seed, 0; a run with SEED=N is named <dataset>_<row>_sN, so seeds of one row sit side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,13 @@ fi
 
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--set "train.max_steps=$STEPS")
+seed=()
+suffix=
+if [ -n "${SEED:-}" ]; then
+  [[ $SEED =~ ^[0-9]+$ ]] || { echo "$0: SEED must be a non-negative integer, got '$SEED'" >&2; exit 2; }
+  seed=(--set "train.seed=$SEED")
+  suffix=_s$SEED
+fi
 
 for row in $ROWS; do
   case $row in
@@ -55,12 +63,12 @@ for row in $ROWS; do
     no_robust) extra=(--set train.robust=false) ;;
     no_mi) extra=(--set train.mi=false) ;;
   esac
-  name="${DATASET}_${row}"
+  name="${DATASET}_${row}${suffix}"
   rm -rf "${OUT:?}/$name"
-  log "train $name (threads $THREADS ${STEPS:+steps $STEPS})"
+  log "train $name (threads $THREADS ${STEPS:+steps $STEPS}${SEED:+ seed $SEED})"
   t0=$SECONDS
   .venv/bin/python -m model.train.cli --data "$SHARED/$DATA" --sid "$SID" --out "$OUT/$name" \
-    --config "$CONFIG" --threads "$THREADS" --no-final-eval --quiet "${steps[@]}" "${extra[@]}" \
+    --config "$CONFIG" --threads "$THREADS" --no-final-eval --quiet "${steps[@]}" "${seed[@]}" "${extra[@]}" \
     > "$OUT/$name.out" 2>&1 || { tail -n 20 "$OUT/$name.out" >&2; exit 1; }
   log "trained $name in $((SECONDS - t0)) s"
   t0=$SECONDS
