@@ -161,7 +161,7 @@ def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
 
 
 def _checkpoint_dict(run):
-    return torch.load(run / "best.pt", weights_only=False)
+    return torch.load(run / "best.pt", weights_only=True)
 
 
 @pytest.mark.parametrize(

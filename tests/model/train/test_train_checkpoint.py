@@ -173,3 +173,54 @@ def test_weight_average_is_what_is_validated_kept_and_resumed_exactly(synth, tmp
     for k, v in model.state_dict().items():
         assert torch.equal(v, best["model"][k]), k
     assert _train(spec, sid, tmp_path / "bad", "--set", "train.ema_decay=1.0") == 2
+
+
+class _WritesAFile:
+    """A pickled object whose unpickling calls ``open(marker, "w")``: the shape of every pickle
+    exploit (a callable named by a global, run with attacker-chosen arguments)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(synth, tmp_path, capsys):
+    """read_checkpoint, load_model (fair-eval, fair-export) and a resume refuse a checkpoint holding
+    more than tensors and plain types, with an error naming the file, and nothing of it executes."""
+    spec, sid = synth
+    run = tmp_path / "run"
+    assert _train(spec, sid, run, "--stop-at-step", "1") == 0
+    marker = tmp_path / "pwned"
+    for name in ("checkpoint.pt", "best.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["rng"]["payload"] = _WritesAFile(marker)
+        torch.save(ckpt, run / name)  # torch.save itself does not check: an attacker need not either
+    for read in (read_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match=r"best\.pt: refused: .*weights_only=True.*io\.open"):
+            read(run)
+    assert _train(spec, sid, run, "--resume", str(run), "--stop-at-step", "2") == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoint.pt'}: refused" in err and "Traceback" not in err
+    assert not marker.exists()
+    # the payload is live: a plain unpickling of the same file runs it (so the check above can fail)
+    torch.load(run / "best.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_saving_what_could_not_be_loaded_back_is_refused_before_writing(tmp_path):
+    """Numpy RNG state (a tuple holding an ndarray) or a numpy scalar would make every later read
+    fail: save_checkpoint names the entry and writes no file."""
+    from model.fair import FAIR, FAIRConfig
+    from model.train.checkpoint import untrained_checkpoint
+
+    cfg = FAIRConfig(codebook_size=8, num_levels=3, d_model=16, n_layers=1, n_heads=2)
+    good = untrained_checkpoint(FAIR(cfg).state_dict(), cfg.to_dict(), "0" * 64, {})
+    for entry, value in (("rng", np.random.get_state()), ("best_metric", np.float64(0.5))):
+        path = tmp_path / f"{entry}.pt"
+        with pytest.raises(CheckpointError, match=rf"not written: checkpoint\['{entry}'\].*numpy"):
+            save_checkpoint(path, {**good, entry: value})
+        assert not path.exists() and not list(tmp_path.glob(f".{entry}.pt.*"))
+    save_checkpoint(tmp_path / "good.pt", good)
+    assert read_checkpoint(tmp_path / "good.pt")["step"] == 0
