@@ -242,16 +242,10 @@ def _atomic_gzip_write(path: Path, lines: Iterator[str]) -> None:
         raise
 
 
-@no_gc()
-def write_benchmark(dataset: SequenceDataset, out_dir: str | Path, progress: bool = False) -> Path:
-    """Write ``dataset`` as ``out_dir/<name>.txt.gz`` + ``out_dir/items.tsv.gz``; returns ``out_dir``.
-
-    ``title`` goes to ``text_keywords_idgenrec``, ``brand`` + ``categories`` to ``attributes_s3rec``,
-    the ``asin`` meta to ``asin`` (``item_id`` when absent, as the real files always have one);
-    other fields and meta become extra columns that ``load_benchmark`` reads back.
-    """
+def prepare_output_dir(out_dir: str | Path, name: str) -> Path:
+    """Create ``out_dir`` for a dataset called ``name``; refuse a folder that holds another dataset
+    (two sequence files would make the folder unreadable)."""
     out_dir = Path(out_dir)
-    name = dataset.name
     if not name or any(c.isspace() or c in "/\\" for c in name):
         raise ValueError(f"dataset name {name!r} cannot be a file name")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,9 +254,18 @@ def write_benchmark(dataset: SequenceDataset, out_dir: str | Path, progress: boo
         raise ValueError(
             f"{out_dir} already holds another sequence file ({others[0].name}); use an empty folder"
         )
+    return out_dir
+
+
+def item_table_columns(dataset: SequenceDataset) -> tuple[list[str], list[list[str]]]:
+    """The ``items.tsv.gz`` header and its columns (aligned with ``item_ids``) for ``dataset``.
+
+    ``title`` goes to ``text_keywords_idgenrec``, ``brand`` + ``categories`` to ``attributes_s3rec``,
+    the ``asin`` meta to ``asin`` (``item_id`` when absent, as the real files always have one);
+    other fields and meta become extra columns that ``load_benchmark`` reads back. Shared by
+    ``write_benchmark`` and ``fair-data expand`` so both write the catalog the same way.
+    """
     n = dataset.num_items
-    for iid in dataset.item_ids:
-        _check_token("item", iid)
     fields = dataset.item_fields
     title = fields.get("title", [""] * n)
     brand = fields.get("brand", [""] * n)
@@ -281,6 +284,21 @@ def write_benchmark(dataset: SequenceDataset, out_dir: str | Path, progress: boo
         raise ValueError(f"item field name(s) {clash} would be read back as identifiers; rename them")
     header = ["item_id", "asin", _TITLE_COLUMN, _ATTRIBUTES_COLUMN, *extra_fields, *extra_meta]
     columns = [dataset.item_ids, asin, title, attributes, *extra_fields.values(), *extra_meta.values()]
+    return header, columns
+
+
+@no_gc()
+def write_benchmark(dataset: SequenceDataset, out_dir: str | Path, progress: bool = False) -> Path:
+    """Write ``dataset`` as ``out_dir/<name>.txt.gz`` + ``out_dir/items.tsv.gz``; returns ``out_dir``.
+
+    The catalog columns are those of ``item_table_columns``.
+    """
+    out_dir = prepare_output_dir(out_dir, dataset.name)
+    name = dataset.name
+    for iid in dataset.item_ids:
+        _check_token("item", iid)
+    header, columns = item_table_columns(dataset)
+    n = dataset.num_items
 
     def item_lines() -> Iterator[str]:
         yield "\t".join(header) + "\n"

@@ -3,6 +3,7 @@
     fair-data synth --out DIR [--items N] [--users M] [--noise P] [--seed S] [--name NAME]
     fair-data stats DATA [--json]
     fair-data convert DATA --out DIR
+    fair-data expand --data DATA --out DIR --items N [--users N] [--interactions N] [--seed S]
 
 DATA is anything ``load_dataset`` accepts: a benchmark folder, a raw Amazon dump folder, a folder
 with interactions + items tables, or a ``synthetic:items=...,users=...`` spec.
@@ -19,6 +20,7 @@ import numpy as np
 
 from model.data.benchmark import write_benchmark
 from model.data.dataset import SequenceDataset
+from model.data.expand import INTERACTIONS_PER_ITEM, expand_dataset
 from model.data.loading import load_dataset
 from model.data.synthetic import generate_synthetic
 
@@ -83,6 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="write any supported dataset in the benchmark format")
     convert.add_argument("data", help="dataset folder or synthetic:... spec")
     convert.add_argument("--out", required=True, help="output folder")
+
+    expand = sub.add_parser(
+        "expand",
+        help="scale a real dataset up (fractal / Kronecker expansion), keeping its degree shapes",
+        description=(
+            "Grow a real dataset to millions of items and users by a fractal (Kronecker) expansion "
+            "(Belletti et al. 2019): every item gets K_i = ceil(items / source items) copies "
+            "(variants: same text and attributes plus a 'variant' column), every user K_u copies "
+            "(K_u = max(ceil(users / source users), ceil(interactions / source interactions))). "
+            "An expanded user replays its source user's history in the same order and length; each "
+            "event goes to one copy of the item, chosen by a seeded reduced matrix so that every copy "
+            "of an item gets the same share of its events (item popularity scales by K_u / K_i). "
+            "Counts are therefore rounded up to whole multiples of the source's. Same arguments, "
+            "byte-identical output. See docs/data.md."
+        ),
+    )
+    expand.add_argument(
+        "--data", required=True, help="source dataset (e.g. ../shared/data/amazon/Beauty; any format)"
+    )
+    expand.add_argument(
+        "--out",
+        required=True,
+        help="output benchmark folder (gets <NAME>.txt.gz, items.tsv.gz, expansion.json)",
+    )
+    expand.add_argument(
+        "--items", type=_positive, default=1_000_000, help="at least this many items (default 1000000)"
+    )
+    expand.add_argument("--users", type=_positive, help="at least this many users (default: --items)")
+    expand.add_argument(
+        "--interactions",
+        type=_positive,
+        help=f"at least this many interactions (default: {INTERACTIONS_PER_ITEM} x --items)",
+    )
+    expand.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    expand.add_argument("--name", help="dataset name = sequence file stem (default <source name>Expanded)")
     return parser
 
 
@@ -108,6 +145,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for key, value in s.items():
                     print(f"{key:<24} {value}")
+        elif args.command == "expand":
+            start = time.perf_counter()
+            report = expand_dataset(
+                args.data,
+                args.out,
+                args.items,
+                args.users,
+                args.interactions,
+                args.seed,
+                name=args.name,
+                progress=args.items >= 250_000,
+            )
+            print(
+                f"wrote {args.out}: {report['users']} users, {report['items']} items, "
+                f"{report['interactions']} interactions (x{report['user_factor']} users, "
+                f"x{report['item_factor']} items) in {time.perf_counter() - start:.1f}s"
+            )
         else:
             dataset = load_dataset(args.data)
             out = write_benchmark(dataset, args.out, progress=dataset.num_items >= 250_000)
