@@ -359,6 +359,30 @@ class FAIR(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def optimizer_groups(self, weight_decay: float, item_id_weight_decay: float = 0.0) -> list[dict]:
+        """AdamW parameter groups: which weights decay is a property of the network, so it lives here.
+
+        Parameters of two or more dimensions decay by ``weight_decay`` (the matrices, and also the
+        per-level code bias ``head_bias`` [L, V]); embeddings, norms, 1-D biases and scalars do not,
+        except the item-ID table with ``item_id_weight_decay > 0``: the one embedding with a row per
+        item, most rows trained on a handful of interactions. That third group exists only when its
+        decay is on, so checkpoints of two-group runs still resume. Every parameter is in exactly one
+        group, in ``named_parameters`` order (a checkpoint's optimizer state is indexed by it).
+        """
+        decay, no_decay, item_ids = [], [], []
+        for name, p in self.named_parameters():
+            if name.startswith("item_emb.") and item_id_weight_decay > 0:
+                item_ids.append(p)
+            else:
+                (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if item_ids:
+            groups.append({"params": item_ids, "weight_decay": item_id_weight_decay})
+        return groups
+
     @property
     def mask_code(self) -> int:
         """Code value that the code-masking perturbation writes (the per-level MASK embedding)."""

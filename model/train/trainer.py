@@ -85,6 +85,19 @@ def with_text_width(cfg: RunConfig, embeddings: np.ndarray | None, resume: bool)
     return RunConfig(model=replace(cfg.model, text_dim=int(embeddings.shape[1])), train=cfg.train)
 
 
+def resolved_config(
+    cfg: RunConfig,
+    dataset: SequenceDataset,
+    table: SemanticIdTable,
+    embeddings: np.ndarray | None,
+    resume: bool,
+) -> RunConfig:
+    """The run's config checked against its data, with the widths taken from the table and embeddings."""
+    if embeddings is not None:
+        check_embeddings(embeddings, table.num_items)
+    return with_text_width(check_compatible(cfg, dataset, table), embeddings, resume)
+
+
 class Trainer:
     def __init__(
         self,
@@ -102,30 +115,51 @@ class Trainer:
         """``item_embeddings`` [items, E]: the items' text embeddings, needed (and only read) when a new
         run has ``train.item_id_init = "text"`` or ``model.item_text = true``."""
         self.dist = dist or DistInfo()
-        if item_embeddings is not None:
-            check_embeddings(item_embeddings, table.num_items)
-        self.cfg = with_text_width(check_compatible(cfg, dataset, table), item_embeddings, resume)
-        self.dataset = dataset
+        self.cfg = resolved_config(cfg, dataset, table, item_embeddings, resume)
+        self.dataset, self.table = dataset, table
         self.dataset.max_history = self.cfg.train.max_history
-        self.table = table
-        self.trie = CodeTrie.from_codes(table.codes, table.codebook_size)
         self.out = Path(out_dir)
         self.device = device
         self.max_minutes = max_minutes
         self.progress = progress and self.dist.is_main
-        t = self.cfg.train
+        self.sid_sha256 = table.sha256()
+        self.fingerprint = dataset.fingerprint()
+        self._index_training_data()
+        self._pick_validation_users()
+        self._build_model(item_embeddings, resume)
+        self._build_negative_sampler()
+        self.ddp = self._wrap_ddp()
+        self._start_counters()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        if resume:
+            self._restore()
+        elif self.dist.is_main:
+            self._prepare_run_dir()
+        barrier(self.dist)
+
+    # ---- construction ----------------------------------------------------------------------------
+    def _index_training_data(self) -> None:
+        """The catalog's codes (numpy for batches, on the device for scoring) and trie, the training
+        windows, which items have a training interaction, and each user's hashed bucket."""
+        t, table = self.cfg.train, self.table
+        self.trie = CodeTrie.from_codes(table.codes, table.codebook_size)
         self.item_codes = table.codes
-        self.item_codes_t = torch.from_numpy(table.codes).to(device)
-        self.windows = training_windows(dataset, t.max_history)
+        self.item_codes_t = torch.from_numpy(table.codes).to(self.device)
+        self.windows = training_windows(self.dataset, t.max_history)
         if not self.windows.seq:
-            raise ValueError(f"dataset {dataset.name!r} has no user with a training target (>= 4 items)")
+            raise ValueError(f"dataset {self.dataset.name!r} has no user with a training target (>= 4 items)")
+        self.trained = trained_items(self.windows, table.num_items)
+        buckets = self.cfg.model.user_buckets
         self.user_buckets = (
-            np.array([hash_user(u, self.cfg.model.user_buckets) for u in dataset.user_ids], dtype=np.int64)
-            if self.cfg.model.user_buckets > 0
+            np.array([hash_user(u, buckets) for u in self.dataset.user_ids], dtype=np.int64)
+            if buckets > 0
             else None
         )
-        # validation users: one fixed sample per run, so successive validations are comparable
-        split = dataset.eval_split("valid")
+
+    def _pick_validation_users(self) -> None:
+        """One fixed sample of validation users per run, so successive validations are comparable."""
+        t = self.cfg.train
+        split = self.dataset.eval_split("valid")
         keep = np.flatnonzero([len(h) > 0 for h in split.histories])
         if t.eval_users and len(keep) > t.eval_users:
             keep = np.sort(np.random.default_rng(t.seed).choice(keep, t.eval_users, replace=False))
@@ -133,15 +167,18 @@ class Trainer:
         self.valid_hist = [split.histories[i] for i in keep]
         self.valid_targets = split.targets[keep]
 
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = FAIR(self.cfg.model).to(device)
+    def _build_model(self, item_embeddings: np.ndarray | None, resume: bool) -> None:
+        """The network (identical initial weights on every rank), its fixed buffers, and the weight
+        average when ``train.ema_decay > 0``."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        self.model = FAIR(self.cfg.model).to(self.device)
         with torch.no_grad():  # L_mi's temperature is learned, starting from train.tau
             self.model.mi_log_scale.fill_(math.log(1.0 / t.tau))
         if t.item_id_init == "text":
             self._init_ids_from_text(item_embeddings, resume)
         if self.model.text_proj is not None and item_embeddings is not None:
             self.model.item_text.copy_(torch.from_numpy(np.asarray(item_embeddings, dtype=np.float32)))
-        self.trained = trained_items(self.windows, table.num_items)
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
         # train.ema_decay: an exponential moving average of the weights (torch's AveragedModel) is what
@@ -153,64 +190,52 @@ class Trainer:
             if t.ema_decay > 0
             else None
         )
-        # Items without a training interaction are not in the training catalog: never a negative of the
-        # softmax (else their codes' scores are pushed down for being absent, and an item that arrives
-        # after training could never be recommended), and never sampled.
-        self.untrained_t = torch.from_numpy(~self.trained).to(device) if not self.trained.all() else None
-        # sampled softmax: negatives drawn from the training popularity (smoothed), corrected by log Q
-        counts = np.bincount(np.concatenate(self.windows.seq), minlength=table.num_items).astype(np.float64)
-        q = np.where(self.trained, (counts + 1.0) ** 0.75, 0.0)
-        self.sample_q = torch.from_numpy(q / q.sum()).float().to(device)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=None if device == "cpu" else [self.dist.local_rank],
-                # every buffer (item_trained, the item_text table) is fixed after init and the same on
-                # every rank: re-sending them from rank 0 at each forward would only cost time
-                broadcast_buffers=False,
-                # the InfoNCE heads take no gradient when L_mi is switched off
-                find_unused_parameters=not (t.mi and t.beta > 0),
-            )
-            if self.dist.enabled
-            else None
-        )
-        # Matrices decay; embeddings, norms and biases do not, except the item-ID table when asked:
-        # it is the one embedding with a row per item, most rows trained on a handful of interactions.
-        # (A third group only when that decay is on, so checkpoints of two-group runs still resume.)
-        decay, no_decay, item_ids = [], [], []
-        for name, p in self.model.named_parameters():
-            if name.startswith("item_emb.") and t.item_id_weight_decay > 0:
-                item_ids.append(p)
-            else:
-                (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if item_ids:
-            groups.append({"params": item_ids, "weight_decay": t.item_id_weight_decay})
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=t.lr,
-            betas=tuple(t.betas),
-        )
-        self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio)
+
+    def _build_negative_sampler(self) -> None:
+        """Items without a training interaction are not in the training catalog: never a negative of
+        the softmax (else their codes' scores are pushed down for being absent, and an item that
+        arrives after training could never be recommended), and never sampled. The sampled softmax
+        draws negatives from the training popularity (smoothed), corrected by log Q."""
+        trained = self.trained
+        self.untrained_t = torch.from_numpy(~trained).to(self.device) if not trained.all() else None
+        seen = np.concatenate(self.windows.seq)
+        counts = np.bincount(seen, minlength=self.table.num_items).astype(np.float64)
+        q = np.where(trained, (counts + 1.0) ** 0.75, 0.0)
+        self.sample_q = torch.from_numpy(q / q.sum()).float().to(self.device)
+
+    def _wrap_ddp(self) -> DistributedDataParallel | None:
+        if not self.dist.enabled:
+            return None
+        t = self.cfg.train
+        return DistributedDataParallel(
+            self.model,
+            device_ids=None if self.device == "cpu" else [self.dist.local_rank],
+            # every buffer (item_trained, the item_text table) is fixed after init and the same on
+            # every rank: re-sending them from rank 0 at each forward would only cost time
+            broadcast_buffers=False,
+            # the InfoNCE heads take no gradient when L_mi is switched off
+            find_unused_parameters=not (t.mi and t.beta > 0),
         )
 
+    def _start_counters(self) -> None:
+        """Where a new run starts; ``_restore`` overwrites them on a resume."""
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best_metric = -1.0
         self.bad_evals = 0
-        self.sid_sha256 = table.sha256()
-        self.fingerprint = dataset.fingerprint()
-        if resume:
-            self._restore()
-        elif self.dist.is_main:
-            self._prepare_run_dir()
-        barrier(self.dist)
+        self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
+
+    def _build_optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the network's own parameter groups (``FAIR.optimizer_groups``), warmup + cosine.
+        Needs ``train_seconds``: under a time budget the schedule's position is training time."""
+        t = self.cfg.train
+        groups = self.model.optimizer_groups(t.weight_decay, t.item_id_weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio)
+        )
+        return optimizer, scheduler
 
     # ---- run directory ---------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
