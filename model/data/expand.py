@@ -38,7 +38,8 @@ accuracy divided by about the window size. It is a benchmark for scale (catalog 
 memory), not a new quality benchmark; each original history appears ``K_u`` times (with different
 variants), which for training works like ``K_u`` epochs of the original data.
 
-Everything is computed with numpy from one ``numpy.random.Generator(seed)``; files are gzip with
+Everything is computed with numpy; each seeded choice (rotation, user-copy order, event ranks) has
+its own ``numpy.random.default_rng([seed, k])``; files are gzip with
 ``mtime=0``, so the same arguments give byte-identical output. The output is written in chunks (one
 user copy at a time): memory holds the original dataset, a few arrays of its size and the item-id
 strings of the expanded catalog, never per-user objects of the expanded data.
