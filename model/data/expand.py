@@ -27,8 +27,9 @@ Our data are sequences, so the product is taken per event rather than per matrix
   item popularity distribution is the original one scaled by ``K_u / K_i``, up to rounding, and
   with Beauty's 5-core every copy has at least 3 events.
 - **Text.** Every copy keeps the original's text and attributes (title, brand, categories) and gets a
-  ``variant`` text column (the copy number), so copies are distinguishable to the text encoder and
-  to ``fair-sid``; ``source_item_id`` (an identifier, never embedded) maps a copy back.
+  ``variant`` text column (the copy number), so no two items have the same text (their embeddings
+  still lie close: see docs/data.md on semantic-ID collisions); ``source_item_id`` (an identifier,
+  never embedded) maps a copy back.
 
 What it does to the next-item task: the original item of every expanded target is exactly the
 original target (copies of a user share it), and the copy lies in the user's window of
