@@ -27,7 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.evaluate.metrics import recall_ndcg  # noqa: E402
-from model.search.scoring import ItemScorer, search  # noqa: E402
+from model.search.item_scores import ItemScorer  # noqa: E402
+from model.search.modes.base import SearchMode  # noqa: E402
+from model.search.modes.registry import make_mode, mode_names, mode_params  # noqa: E402
 from model.semantic_ids.trie import CodeTrie  # noqa: E402
 
 
@@ -97,6 +99,18 @@ def synthetic(items: int, dim: int, users: int, seed: int):
     return scorer, trie, cs, qs, hist
 
 
+def configurations(values: list[int]) -> list[SearchMode]:
+    """Every registered mode, once per swept value of its parameters (once when it has none), in
+    registration order: the rows of the table (the first, exact, is the reference)."""
+    out: list[SearchMode] = []
+    for name in mode_names():
+        for value in values:
+            mode = make_mode(name, {p.name: value for p in mode_params()})
+            if mode not in out:
+                out.append(mode)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
@@ -105,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="dataset of --run")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--limit", type=int, help="at most this many users (default all)")
-    p.add_argument("--candidates", type=int, nargs="+", default=[20, 50, 100, 200, 500])
+    p.add_argument(
+        "--candidates",
+        type=int,
+        nargs="+",
+        default=[20, 50, 100, 200, 500],
+        help="values swept for every search parameter (the beam's candidates); a mode without "
+        "parameters runs once",
+    )
     p.add_argument("--dim", type=int, default=64, help="item vector width for --synthetic-items")
     p.add_argument("--timing-users", type=int, default=256, help="users timed per search (default 256)")
     p.add_argument("--repeats", type=int, default=3)
@@ -121,32 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         scorer, trie, cs, qs, hist = synthetic(args.synthetic_items, args.dim, args.timing_users, 0)
         targets = None
         where = f"synthetic catalog of {scorer.num_items:,} items, D={args.dim}, random scores"
-    modes = [("exact", 0)] + [("beam", c) for c in args.candidates]
     rows = []
     t_users = min(args.timing_users, len(hist))
-    for mode, cand in modes:
-        row = {"search": "exact" if mode == "exact" else f"beam {cand} + rescoring"}
+    for mode in configurations(args.candidates):
+        row = {"search": mode.describe()}
+        wide = mode.at_least(10)
         if targets is not None:
             items = np.concatenate(
                 [
-                    search(
-                        scorer,
-                        trie,
-                        cs[s : s + 256],
-                        qs[s : s + 256],
-                        10,
-                        mode,
-                        max(cand, 10),
-                        hist[s : s + 256],
-                    ).items
+                    wide.search(scorer, trie, cs[s : s + 256], qs[s : s + 256], 10, hist[s : s + 256]).items
                     for s in range(0, len(hist), 256)
                 ]
             )
             row.update({k: round(v, 4) for k, v in recall_ndcg(items, targets, ks=(10,)).items()})
         for batch in (1, 32):
 
-            def one(rows_, mode=mode, cand=cand):
-                search(scorer, trie, cs[rows_], qs[rows_], 10, mode, max(cand, 10), hist[rows_])
+            def one(rows_, wide=wide):
+                wide.search(scorer, trie, cs[rows_], qs[rows_], 10, hist[rows_])
 
             row[f"ms/user @{batch}"] = round(per_user_ms(one, batch, t_users, args.repeats), 3)
         rows.append(row)

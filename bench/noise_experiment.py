@@ -23,6 +23,8 @@ from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError  # noqa: E40
 from model.evaluate.cli import load_data  # noqa: E402
 from model.evaluate.noise import noise_experiment, noise_markdown  # noqa: E402
 from model.evaluate.ranking import EvaluationError, evaluate_run, load_run  # noqa: E402
+from model.search.modes.flags import add_search_arguments, search_settings  # noqa: E402
+from model.search.modes.registry import make_mode  # noqa: E402
 from model.semantic_ids.table import SemanticIdError  # noqa: E402
 
 PROG = "noise_experiment"
@@ -37,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
-    p.add_argument(
-        "--search", choices=["exact", "beam"], default="exact", help="the served search (default exact)"
-    )
-    p.add_argument("--beam", type=int, default=200, help="beam candidates with --search beam (default 200)")
+    add_search_arguments(p, default="exact", intro="the served search", flags={"candidates": "--beam"})
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--device", default="cpu")
@@ -63,8 +62,7 @@ def run_one(run_dir: Path, args: argparse.Namespace) -> list[dict]:
             histories,
             split.targets,
             user_ids=users,
-            search_mode=args.search,
-            beam_size=args.beam,
+            search_mode=make_mode(args.search, search_settings(args)),
             batch_size=args.batch_size,
             device=args.device,
             max_history=max_history,
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = noise_markdown(rows)
     footer = (
-        f"\n\n{args.split} split of {args.data}, {rows[0]['users']} users, search {args.search if args.search == 'exact' else f'beam {args.beam}'}, "
+        f"\n\n{args.split} split of {args.data}, {rows[0]['users']} users, search {make_mode(args.search, search_settings(args)).describe()}, "
         f"noise seed {args.seed}, {time.perf_counter() - start:.0f} s"
     )
     print(table + footer)

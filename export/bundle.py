@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.search.scoring import SEARCH_MODES, ItemScorer
+from model.search.item_scores import ItemScorer
+from model.search.modes.base import SearchConfigError, SearchMode
+from model.search.modes.registry import manifest_schema, mode_from_manifest
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
@@ -64,7 +66,7 @@ REQUIRED_KEYS = (
     "opset",
     "inputs",  # [{"name", "dtype", "shape"}], shape entries are ints or axis names ("batch", "items")
     "outputs",
-    "search",  # {"mode": "exact" | "beam", "candidates": int}: how the service ranks the catalog
+    "search",  # {"mode": a registered search mode, + every mode parameter}: how the service ranks
     "files",  # {file name: sha256 hex} for every file but manifest.json
     "metrics",  # offline metrics of this bundle / its run ({} when none were available)
     "verification",  # what fair-export checked and measured ({} with --no-verify)
@@ -184,17 +186,10 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
             f"{path}: the manifest is version {manifest['version']!r} but the bundle directory is {folder}: "
             "a copied or renamed bundle; versions are written by fair-export, never copied"
         )
-    how = manifest["search"]
-    if (
-        not isinstance(how, dict)
-        or how.get("mode") not in SEARCH_MODES
-        or isinstance(how.get("candidates"), bool)
-        or not isinstance(how.get("candidates"), int)
-        or how["candidates"] < 1
-    ):
-        raise BundleError(
-            f'{path}: field \'search\' must be {{"mode": one of {list(SEARCH_MODES)}, "candidates": int >= 1}}'
-        )
+    try:
+        mode_from_manifest(manifest["search"])
+    except SearchConfigError as exc:
+        raise BundleError(f"{path}: field 'search' must be {manifest_schema()} ({exc})") from exc
     return manifest
 
 
@@ -236,6 +231,7 @@ class LoadedBundle:
     popular: np.ndarray  # [P] int64 item indices, most popular first
     scorer: ItemScorer  # the catalog side of the item score
     trained: np.ndarray  # [I] bool: items with a trained ID row (the others rank by codes, + text if any)
+    search: SearchMode  # the manifest's search, configured (how the service ranks)
 
     @property
     def name(self) -> str:
@@ -255,11 +251,7 @@ class LoadedBundle:
 
     @property
     def search_mode(self) -> str:
-        return str(self.manifest["search"]["mode"])
-
-    @property
-    def search_candidates(self) -> int:
-        return int(self.manifest["search"]["candidates"])
+        return self.search.name
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | None = None) -> LoadedBundle:
@@ -298,7 +290,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
             f"{bundle_dir / TRIE_FILE}: trie has {trie.num_items} items of length {trie.code_length}, "
             f"the table {table.num_items} of length {table.code_length}"
         )
-    popular = _load_popular(bundle_dir / POPULAR_FILE, table.num_items)
+    popular = load_popular(bundle_dir / POPULAR_FILE, table.num_items)
     scorer, trained = load_item_scores(bundle_dir / ITEM_SCORES_FILE, table)
     return LoadedBundle(
         dir=bundle_dir,
@@ -309,6 +301,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         popular=popular,
         scorer=scorer,
         trained=trained,
+        search=mode_from_manifest(manifest["search"]),
     )
 
 
@@ -366,15 +359,22 @@ def load_trie(path: str | os.PathLike) -> CodeTrie:
         raise BundleError(f"{path}: not a readable trie ({exc})") from exc
 
 
-def _load_popular(path: Path, num_items: int) -> np.ndarray:
+def load_popular(path: str | os.PathLike, num_items: int) -> np.ndarray:
+    """Read a popularity ranking (``popular.npy``: int item indices, most popular first) for a catalog of
+    ``num_items``. The one reader of bundles and of fair-export's inputs: it must be a non-empty 1-d
+    integer array of catalog indices, since the fallback for users without history serves from it
+    (an empty list would answer them with nothing). Any problem is a ``BundleError`` naming the file."""
+    path = Path(path)
     try:
         popular = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
-    if popular.ndim != 1 or not np.issubdtype(popular.dtype, np.integer):
-        raise BundleError(f"{path}: must be a 1-d integer array, got {popular.dtype} {popular.shape}")
-    if popular.size and (popular.min() < 0 or popular.max() >= num_items):
-        raise BundleError(f"{path}: item indices must lie in [0, {num_items})")
+    if popular.ndim != 1 or not np.issubdtype(popular.dtype, np.integer) or not popular.size:
+        raise BundleError(
+            f"{path}: must be a non-empty 1-d integer array, got {popular.dtype} {popular.shape}"
+        )
+    if popular.min() < 0 or popular.max() >= num_items:
+        raise BundleError(f"{path}: item indices must lie in [0, {num_items}) (the table's catalog)")
     return popular.astype(np.int64, copy=False)
 
 

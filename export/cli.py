@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from export.bundle import BundleError, read_manifest, resolve_bundle, verify_checksums
+from model.search.modes.flags import add_search_arguments, search_settings
+from model.search.modes.registry import AUTO, mode_from_manifest
 
 EPILOG = """examples:
   fair-export --run runs/beauty --out bundles --name beauty            # next version, fp32, verified
@@ -82,19 +84,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--users", type=_positive_int, default=256, help="histories compared in verification (default 256)"
     )
-    p.add_argument(
-        "--search",
-        choices=["auto", "exact", "beam"],
-        default="auto",
-        help="how the service ranks with this bundle: exact (score every item), beam (semantic-ID beam "
-        "proposes --candidates items, rescored), auto = exact up to 100,000 items (default)",
-    )
-    p.add_argument(
-        "--candidates",
-        type=_positive_int,
-        default=200,
-        help="beam width / candidates rescored when the search is beam (default 200, >= 10)",
-    )
+    add_search_arguments(p, default=AUTO, auto=True, intro="how the service ranks with this bundle")
     p.add_argument(
         "--max-abs-diff",
         type=float,
@@ -160,11 +150,9 @@ def _summary_lines(path: Path, m: dict, problems: list[str]) -> list[str]:
         add(f"input      {io['name']}: {io['dtype']} {io['shape']}")
     for io in m["outputs"]:
         add(f"output     {io['name']}: {io['dtype']} {io['shape']}")
-    how = m["search"]
     ids = m.get("item_ids") or {}
     add(
-        f"search     {how['mode']}"
-        + (f" ({how['candidates']} beam candidates, rescored)" if how["mode"] == "beam" else "")
+        f"search     {mode_from_manifest(m['search']).describe()}"
         + f"   item IDs: dim {ids.get('dim', 0)}, {ids.get('trained_items', 0)} of {m['num_items']} items trained"
     )
     add(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
@@ -205,7 +193,7 @@ def export_main(argv: list[str]) -> int:
             verify=not args.no_verify,
             users=args.users,
             search=args.search,
-            candidates=args.candidates,
+            search_settings=search_settings(args),
             max_abs_diff=args.max_abs_diff,
             min_topk_agreement=args.min_topk_agreement,
             evaluate=True if args.evaluate else None,

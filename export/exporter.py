@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from export.bundle import (
     BundleError,
     BundleStaging,
     list_versions,
+    load_popular,
     save_item_scores,
     save_trie,
     sha256_file,
@@ -44,8 +46,8 @@ from export.onnx_export import (
 )
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import (
-    DEFAULT_BEAM,
     DEFAULT_USERS,
+    TOP_K,
     Search,
     VerificationError,
     check_graph,
@@ -62,25 +64,28 @@ from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
 from model.data.loading import load_dataset
 from model.evaluate.ranking import item_scorer
 from model.fair import FAIR
-from model.search.scoring import SEARCH_MODES
+from model.search.modes.base import SearchConfigError, SearchMode
+from model.search.modes.registry import AUTO, choose_mode, manifest_entry
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 from model.train.checkpoint import CheckpointError, load_model
 
 RUN_CHECKPOINTS = ("best.pt", "checkpoint.pt")  # preference order inside a run directory
 RUN_METRICS = "metrics.json"
-# Up to this many items the service scores the whole catalog (exact); above, the beam over semantic-ID
-# prefixes proposes candidates that are rescored (docs/model.md, "The served search", has the costs).
-EXACT_MAX_ITEMS = 100_000
 
 
-def choose_search(num_items: int, mode: str = "auto") -> str:
-    """The served search for a catalog: ``auto`` is exact up to ``EXACT_MAX_ITEMS`` items, else beam."""
-    if mode == "auto":
-        return "exact" if num_items <= EXACT_MAX_ITEMS else "beam"
-    if mode not in SEARCH_MODES:
-        raise ExportFailed(f"search mode must be auto or one of {SEARCH_MODES}, got {mode!r}")
-    return mode
+def choose_search(
+    num_items: int, mode: str = AUTO, settings: Mapping[str, object] | None = None
+) -> SearchMode:
+    """The served search for a catalog, configured from ``settings`` (``--candidates`` ...): a registered
+    mode, or ``auto`` (the registry's rule: exact up to 100,000 items, else beam). It must be able to
+    return the verification's top 10."""
+    try:
+        chosen = choose_mode(mode, num_items, settings)
+        chosen.check_k(TOP_K)
+    except SearchConfigError as exc:
+        raise ExportFailed(f"--search {mode}: {exc} (the verification ranks the top {TOP_K})") from exc
+    return chosen
 
 
 class ExportFailed(RuntimeError):
@@ -113,20 +118,6 @@ def _load_table(path: Path) -> SemanticIdTable:
         return SemanticIdTable.load(path)
     except SemanticIdError as exc:
         raise ExportFailed(str(exc)) from exc
-
-
-def _load_popular(path: Path, num_items: int) -> np.ndarray:
-    try:
-        popular = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ExportFailed(f"{path}: not a readable .npy array ({exc})") from exc
-    if popular.ndim != 1 or not np.issubdtype(popular.dtype, np.integer) or not popular.size:
-        raise ExportFailed(
-            f"{path}: must be a non-empty 1-d integer array, got {popular.dtype} {popular.shape}"
-        )
-    if popular.min() < 0 or popular.max() >= num_items:
-        raise ExportFailed(f"{path}: item indices must lie in [0, {num_items}) (the table's catalog)")
-    return popular.astype(np.int64)
 
 
 def _max_history(ckpt: dict, ckpt_path: Path) -> int:
@@ -214,7 +205,10 @@ def load_sources(
 
     pop_path = Path(popular) if popular is not None else home / POPULAR_FILE
     if pop_path.is_file():
-        pop = _load_popular(pop_path, table.num_items)
+        try:
+            pop = load_popular(pop_path, table.num_items)
+        except BundleError as exc:
+            raise ExportFailed(str(exc)) from exc
     elif dataset is not None:
         pop = np.argsort(-dataset.item_popularity(), kind="stable").astype(np.int64)
     else:
@@ -253,8 +247,8 @@ def export_bundle(
     precision: str = "fp32",
     verify: bool = True,
     users: int = DEFAULT_USERS,
-    search: str = "auto",
-    candidates: int = DEFAULT_BEAM,
+    search: str = AUTO,
+    search_settings: Mapping[str, object] | None = None,
     max_abs_diff: float | None = None,
     min_topk_agreement: float | None = None,
     evaluate: bool | None = None,
@@ -263,8 +257,9 @@ def export_bundle(
 
     ``max_abs_diff`` / ``min_topk_agreement`` override the limits and then apply to every precision
     (by default they apply to fp32 only). ``evaluate`` (default: for fp16/int8 when ``src`` has a
-    dataset) records the bundle's own offline test metrics in the manifest. ``search`` (auto, exact,
-    beam) and ``candidates`` are recorded in the manifest: how the service ranks with this bundle.
+    dataset) records the bundle's own offline test metrics in the manifest. ``search`` (a registered
+    mode or auto) configured by ``search_settings`` (mode parameters by name, e.g. ``candidates``) is
+    recorded in the manifest with every setting: how the service ranks with this bundle.
     """
     start = time.perf_counter()
     model_dir = Path(out) / name
@@ -280,11 +275,9 @@ def export_bundle(
         check_opset(opset)  # before anything is written or traced
     except ExportError as exc:
         raise ExportFailed(str(exc)) from exc
-    if candidates < 10:
-        raise ExportFailed(f"candidates must be >= 10 (the top-10 checks need them), got {candidates}")
-    how = Search(
-        item_scorer(src.model, src.table), src.trie, choose_search(src.table.num_items, search), candidates
-    )
+    mode = choose_search(src.table.num_items, search, search_settings)
+    how = Search(item_scorer(src.model, src.table), src.trie, mode)
+    entry = manifest_entry(mode, search_settings)  # the manifest's "search": the mode + every setting
     try:
         with (
             BundleStaging(model_dir) as staging,
@@ -341,12 +334,14 @@ def export_bundle(
                 )
             metrics: dict = {"run": src.run_metrics}
             if evaluate:
-                metrics["bundle"] = _offline(src, final, how) | {"precision": precision}
+                metrics["bundle"] = _offline(src, final, how, entry) | {"precision": precision}
             src.table.save(staging.path / SEMANTIC_IDS_FILE)
             save_item_scores(how.scorer, _trained(src.model), staging.path / ITEM_SCORES_FILE)
             save_trie(src.trie, staging.path / TRIE_FILE)
             np.save(staging.path / POPULAR_FILE, src.popular)
-            manifest = _manifest(src, name, opset, precision, metrics, verification, export_seconds, how)
+            manifest = _manifest(
+                src, name, opset, precision, metrics, verification, export_seconds, how, entry
+            )
             path = staging.commit(manifest, version)
     except (VerificationError, ExportError, BundleError) as exc:
         raise ExportFailed(str(exc)) from exc
@@ -376,7 +371,7 @@ def _trained(model: FAIR) -> np.ndarray:
     return model.item_trained.cpu().numpy().astype(bool)
 
 
-def _offline(src: ExportSources, onnx_path: Path, how: Search) -> dict:
+def _offline(src: ExportSources, onnx_path: Path, how: Search, entry: dict) -> dict:
     assert src.dataset is not None
     split = src.dataset.eval_split("test")
     _log(f"offline metrics on {len(split.targets)} test users ...")
@@ -388,7 +383,8 @@ def _offline(src: ExportSources, onnx_path: Path, how: Search) -> dict:
         split.targets,
         src.max_history,
     )
-    return {"split": "test", "search": how.mode, "candidates": how.candidates, **report}
+    settings = {key: value for key, value in entry.items() if key != "mode"}
+    return {"split": "test", "search": how.mode.name, **settings, **report}
 
 
 def _manifest(
@@ -400,6 +396,7 @@ def _manifest(
     verification: dict,
     seconds: float,
     how: Search,
+    search_entry: dict,
 ) -> dict:
     inputs, outputs = io_spec(src.model.cfg)
     trained = _trained(src.model)
@@ -424,7 +421,7 @@ def _manifest(
         "opset": opset,
         "inputs": inputs,
         "outputs": outputs,
-        "search": {"mode": how.mode, "candidates": how.candidates},
+        "search": search_entry,
         "item_ids": {
             "dim": 0 if how.scorer.vectors is None else int(how.scorer.vectors.shape[1]),
             "trained_items": int(trained.sum()),

@@ -7,8 +7,8 @@ Three gates before a bundle is renamed into place (see docs/architecture.md, "Bu
    unit in the graph;
 2. numbers: onnxruntime vs PyTorch on histories of varied lengths batched together (so left padding
    is exercised), max absolute difference of both outputs;
-3. what users see: the top-10 from the shared search (``model.search.scoring.search``, the bundle's
-   mode), ONNX vs PyTorch, identical (same items, same order) for the required share of users.
+3. what users see: the top-10 from the bundle's search mode (``model.search.modes``, as served),
+   ONNX vs PyTorch, identical (same items, same order) for the required share of users.
 
 fp32 must pass 2 and 3; for fp16/int8 the figures are measured and recorded, not enforced (they
 change the numbers by design; their offline metrics go into the manifest instead).
@@ -30,7 +30,9 @@ from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units
 from model.evaluate.metrics import evaluation_report
 from model.fair import FAIR
 from model.search.inputs import histories_to_inputs
-from model.search.scoring import ItemScorer, search
+from model.search.item_scores import ItemScorer
+from model.search.modes.base import SearchMode
+from model.search.modes.exact import ExactMode
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
@@ -38,7 +40,6 @@ MAX_ABS_DIFF_FP32 = 1e-4
 TOP_K = 10
 MIN_TOPK_AGREEMENT = 0.99
 DEFAULT_USERS = 256
-DEFAULT_BEAM = 200  # candidates of the beam search mode (catalogs too large to score whole)
 BATCH = 32
 
 # (codes, items, item_mask) -> (code_scores [B, L, V], query [B, D]), float32
@@ -47,12 +48,11 @@ ScoresFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.n
 
 @dataclass(frozen=True)
 class Search:
-    """How a bundle's items are ranked: the scorer (catalog side) and the search mode."""
+    """How a bundle's items are ranked: the scorer (catalog side), the trie and the configured mode."""
 
     scorer: ItemScorer
     trie: CodeTrie
-    mode: str = "exact"
-    candidates: int = DEFAULT_BEAM
+    mode: SearchMode = field(default_factory=ExactMode)
 
 
 class VerificationError(RuntimeError):
@@ -137,10 +137,10 @@ def top_items(
     histories: Sequence[np.ndarray],
     k: int = TOP_K,
 ) -> np.ndarray:
-    """Top-k items per user through the shared search, seen items excluded as when serving."""
-    return search(
-        how.scorer, how.trie, code_scores, query, k, how.mode, max(how.candidates, k), list(histories)
-    ).items
+    """Top-k items per user through the bundle's search mode, seen items excluded and the mode widened
+    to k as when serving."""
+    mode = how.mode.at_least(k)
+    return mode.search(how.scorer, how.trie, code_scores, query, k, list(histories)).items
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def compare(
     report = VerificationReport(precision, len(histories), diff, agreement)
     report.checks += [
         "onnxruntime vs pytorch code_scores and query",
-        f"top-{TOP_K} agreement through the served search ({how.mode})",
+        f"top-{TOP_K} agreement through the served search ({how.mode.name})",
     ]
     if precision == "fp32":
         if not diff <= MAX_ABS_DIFF_FP32:

@@ -22,7 +22,6 @@ from threadpoolctl import threadpool_limits
 
 from export.bundle import LoadedBundle, load_bundle
 from model.search.inputs import INPUT_NAMES, histories_to_inputs
-from model.search.scoring import search
 
 log = logging.getLogger("fair.engine")
 OUTPUT_NAMES = ["code_scores", "query"]
@@ -112,16 +111,15 @@ class Engine:
     def search(
         self, scores: ModelScores, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The bundle's search for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded.
+        """The bundle's search mode for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded.
 
-        Exact bundles score the whole catalog (``beam_size`` plays no part); beam bundles rescore
-        ``max(beam_size, the manifest's candidates)`` beam candidates.
+        The mode is widened to at least the request's ``beam_size`` and ``k`` (``SearchMode.at_least``):
+        exact bundles score the whole catalog (no width: ``beam_size`` plays no part); beam bundles
+        rescore ``max(beam_size, k, the manifest's candidates)`` beam candidates.
         """
         b = self.bundle
-        candidates = max(beam_size, b.search_candidates, k)
-        result = search(
-            b.scorer, b.trie, scores.code_scores, scores.query, k, b.search_mode, candidates, exclude
-        )
+        mode = b.search.at_least(max(beam_size, k))
+        result = mode.search(b.scorer, b.trie, scores.code_scores, scores.query, k, exclude)
         return result.items, result.scores
 
     def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:

@@ -21,6 +21,8 @@ from model.data.dataset import DEFAULT_MAX_HISTORY, DataFormatError, SequenceDat
 from model.data.loading import load_dataset
 from model.evaluate.metrics import evaluation_report
 from model.evaluate.popularity import popularity_order, rank_by_popularity
+from model.search.modes.flags import add_search_arguments, search_settings
+from model.search.modes.registry import make_mode
 from model.semantic_ids.table import SemanticIdError
 from model.semantic_ids.trie import TrieError
 
@@ -54,18 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", choices=["valid", "test"], default="test", help="leave-one-out split (default test)"
     )
-    p.add_argument(
-        "--search",
-        choices=["exact", "beam"],
+    add_search_arguments(
+        p,
         default="exact",
-        help="exact: score every catalog item (default); beam: the constrained beam over semantic IDs "
-        "proposes --beam candidates, rescored by the full item score",
-    )
-    p.add_argument(
-        "--beam",
-        type=int,
-        default=200,
-        help="beam width = candidates rescored with --search beam (default 200)",
+        intro="the served search",
+        flags={"candidates": "--beam"},  # fair-eval's spelling of the beam's candidates
     )
     p.add_argument("--k", type=int, default=10, help="items ranked per user, >= 10 (default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default 256)")
@@ -107,13 +102,13 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict]:
             file=sys.stderr,
         )
     ev = dataset.eval_split(args.split)
+    mode = make_mode(args.search, search_settings(args))
     report = evaluate_run(
         run,
         ev.histories,
         ev.targets,
         user_ids=[dataset.user_ids[u] for u in ev.users] if run.user_buckets else None,
-        search_mode=args.search,
-        beam_size=args.beam,
+        search_mode=mode,
         k=args.k,
         batch_size=args.batch_size,
         device=args.device,
@@ -123,7 +118,7 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict]:
     context = {
         "model": f"{run.path} ({run.checkpoint_path.name}, step {run.checkpoint.get('step', '?')})",
         "attention": getattr(run.model.cfg, "attention", "?"),
-        "search": args.search if args.search == "exact" else f"beam {args.beam}",
+        "search": mode.describe(),
         "max_history": max_history,
     }
     return report, context
@@ -143,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k < 10:
         parser.error(f"--k must be >= 10 to report @10 metrics, got {args.k}")
-    if args.beam < args.k:
-        parser.error(f"--beam ({args.beam}) must be >= --k ({args.k})")
+    try:
+        make_mode(args.search, search_settings(args)).check_k(args.k)
+    except ValueError as exc:
+        parser.error(f"--search {args.search}: {exc}")
     if args.batch_size < 1 or (args.max_history is not None and args.max_history < 1):
         parser.error("--batch-size and --max-history must be >= 1")
     start = time.perf_counter()

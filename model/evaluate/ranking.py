@@ -2,8 +2,8 @@
 
 Histories become model inputs with ``model.search.inputs.histories_to_inputs``, the network gives the
 next item's code scores and query (``FAIR.next_item_scores``, the exported form), and
-``model.search.scoring.search`` (exact scoring, or beam candidates rescored) turns them into catalog
-items. Offline numbers are only worth something if they measure the thing that is served, so nothing
+the search mode (``model.search.modes``: exact scoring, or beam candidates rescored) turns them into
+catalog items. Offline numbers are only worth something if they measure the thing that is served, so nothing
 here re-implements the search.
 
 The invalid-ID rate is measured, not assumed: every returned item is checked against the catalog
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from model.evaluate.metrics import EMPTY, evaluation_report, invalid_item_mask, share_of_filled
 from model.fair import hash_user
 from model.search.inputs import histories_to_inputs
-from model.search.scoring import SEARCH_MODES, ItemScorer, search
+from model.search.item_scores import ItemScorer
+from model.search.modes.base import SearchMode
+from model.search.modes.registry import make_mode
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 from model.train.checkpoint import load_model
@@ -67,7 +69,7 @@ def rank_items(
     table: SemanticIdTable,
     trie: CodeTrie,
     histories: Sequence[np.ndarray],
-    search_mode: str = "exact",
+    search_mode: str | SearchMode = "exact",
     beam_size: int = 20,
     k: int = 10,
     batch_size: int = 256,
@@ -77,8 +79,10 @@ def rank_items(
     user_buckets: np.ndarray | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rank the catalog for every history with the shared search (``search_mode`` exact, or beam:
-    ``beam_size`` candidates from the constrained beam, rescored).
+    """Rank the catalog for every history with the shared search: ``search_mode`` a configured mode
+    (``model.search.modes``), or a registered mode's name configured with ``beam_size`` as its
+    ``candidates`` (exact ignores it; beam: candidates from the constrained beam, rescored); a
+    configured mode ignores ``beam_size``.
 
     ``histories``: per user an int array of item indices, oldest first, non-empty (users without a
     history are the fallback's job, not the model's). ``max_history`` defaults to the longest given
@@ -86,10 +90,12 @@ def rank_items(
     built with a hashed user token. Returns ``(items [U, k] int64, scores [U, k] float32)``; the
     model is left in the train/eval mode it came in.
     """
-    if search_mode not in SEARCH_MODES:
-        raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
-    if beam_size < k:
-        raise ValueError(f"beam_size ({beam_size}) must be >= k ({k})")
+    mode = search_mode
+    if isinstance(mode, str):
+        if beam_size < k:
+            raise ValueError(f"beam_size ({beam_size}) must be >= k ({k})")
+        mode = make_mode(mode, {"candidates": beam_size})
+    mode.check_k(k)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     empty = [u for u, h in enumerate(histories) if len(h) == 0]
@@ -124,14 +130,12 @@ def rank_items(
                 code_scores, query = model.next_item_scores(
                     *(torch.as_tensor(a, device=device) for a in inputs), **extra
                 )
-            result = search(
+            result = mode.search(
                 scorer,
                 trie,
                 code_scores.float().cpu().numpy(),
                 query.float().cpu().numpy(),
-                k=k,
-                mode=search_mode,
-                candidates=beam_size,
+                k,
                 exclude=batch if exclude_seen else None,
             )
             items[users] = result.items
@@ -206,7 +210,7 @@ def evaluate_run(
     histories: Sequence[np.ndarray],
     targets: np.ndarray,
     user_ids: Sequence[str] | None = None,
-    search_mode: str = "exact",
+    search_mode: str | SearchMode = "exact",
     beam_size: int = 20,
     k: int = 10,
     batch_size: int = 256,

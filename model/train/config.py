@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model.fair import FAIRConfig
+from model.search.modes.registry import mode_names
 from model.train.item_init import ITEM_ID_INITS
 
 PERTURB_OPS = ("drop", "mask", "substitute")
@@ -81,8 +82,10 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not (math.isfinite(self.item_id_init_std) and self.item_id_init_std > 0):
             raise ConfigError(f"train.item_id_init_std must be > 0, got {self.item_id_init_std}")
-        if self.eval_search not in ("exact", "beam"):
-            raise ConfigError(f"train.eval_search must be 'exact' or 'beam', got {self.eval_search!r}")
+        if self.eval_search not in mode_names():
+            raise ConfigError(
+                f"train.eval_search must be one of {list(mode_names())}, got {self.eval_search!r}"
+            )
         if self.num_negatives < 1:
             raise ConfigError(f"train.num_negatives must be >= 1, got {self.num_negatives}")
         if self.code_loss_weight < 0:

@@ -246,3 +246,22 @@ def test_a_bundle_whose_directory_names_another_version_is_refused(tmp_path, par
     with pytest.raises(BundleError, match="manifest is version 1 but the bundle directory is 3"):
         verify_checksums(model_dir / "3")
     assert load_bundle(first).version == 1
+
+
+@pytest.mark.parametrize(
+    "popular, message",
+    [
+        (np.zeros(0, np.int64), "non-empty 1-d integer array"),
+        (np.array([[1, 2]]), "non-empty 1-d integer array"),
+        (np.array([0.5, 1.0]), "non-empty 1-d integer array"),
+        (np.array([1, 10**6]), r"must lie in \[0, "),
+    ],
+)
+def test_a_bundle_whose_fallback_list_is_empty_or_malformed_is_refused(tmp_path, parts, popular, message):
+    """The fallback serves users without history from popular.npy: an empty list would answer them
+    with nothing, so a bundle reader refuses it like fair-export does (one reader, one rule)."""
+    files, manifest, _ = parts
+    np.save(tmp_path / "bad.npy", popular)
+    path = write_bundle(tmp_path / "m", manifest, {**files, "popular.npy": tmp_path / "bad.npy"})
+    with pytest.raises(BundleError, match=f"popular.npy: .*{message}"):
+        load_bundle(path)
