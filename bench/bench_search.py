@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if targets is not None:
             items = np.concatenate(
                 [
-                    wide.search(scorer, trie, cs[s : s + 256], qs[s : s + 256], 10, hist[s : s + 256]).items
+                    wide.search(scorer, trie, (cs[s : s + 256], qs[s : s + 256]), 10, hist[s : s + 256]).items
                     for s in range(0, len(hist), 256)
                 ]
             )
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (1, 32):
 
             def one(rows_, wide=wide):
-                wide.search(scorer, trie, cs[rows_], qs[rows_], 10, hist[rows_])
+                wide.search(scorer, trie, (cs[rows_], qs[rows_]), 10, hist[rows_])
 
             row[f"ms/user @{batch}"] = round(per_user_ms(one, batch, t_users, args.repeats), 3)
         rows.append(row)

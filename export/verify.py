@@ -140,7 +140,7 @@ def top_items(
     """Top-k items per user through the bundle's search mode, seen items excluded and the mode widened
     to k as when serving."""
     mode = how.mode.at_least(k)
-    return mode.search(how.scorer, how.trie, code_scores, query, k, list(histories)).items
+    return mode.search(how.scorer, how.trie, (code_scores, query), k, list(histories)).items
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class Engine:
         """
         b = self.bundle
         mode = b.search.at_least(max(beam_size, k))
-        result = mode.search(b.scorer, b.trie, scores.code_scores, scores.query, k, exclude)
+        result = mode.search(b.scorer, b.trie, (scores.code_scores, scores.query), k, exclude)
         return result.items, result.scores
 
     def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:

@@ -130,11 +130,11 @@ def rank_items(
                 code_scores, query = model.next_item_scores(
                     *(torch.as_tensor(a, device=device) for a in inputs), **extra
                 )
+            outputs = (code_scores.float().cpu().numpy(), query.float().cpu().numpy())
             result = mode.search(
                 scorer,
                 trie,
-                code_scores.float().cpu().numpy(),
-                query.float().cpu().numpy(),
+                outputs,
                 k,
                 exclude=batch if exclude_seen else None,
             )

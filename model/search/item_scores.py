@@ -15,8 +15,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar, Protocol
 
 import numpy as np
+
+
+class Scorer(Protocol):
+    """What a search mode scores with: ``ItemScorer`` (outputs ``code_scores, query``) or
+    ``model.search.folded.FoldedScorer`` (output ``history``). Every method takes the network outputs
+    first, in ``output_names`` order (``scores_of`` then the items)."""
+
+    output_names: ClassVar[tuple[str, ...]]
+
+    @property
+    def num_items(self) -> int: ...
+
+    def check_outputs(self, *outputs: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def all_scores(self, *outputs: np.ndarray) -> np.ndarray: ...
+
+    def scores_of(self, *outputs_then_items: np.ndarray) -> np.ndarray: ...
+
+    def code_part(self, *outputs: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,8 @@ class ItemScorer:
     codes: np.ndarray
     vectors: np.ndarray | None = None
     bias: np.ndarray | None = None
+
+    output_names: ClassVar[tuple[str, ...]] = ("code_scores", "query")  # the network outputs it reads
 
     def __post_init__(self) -> None:
         if self.codes.ndim != 2:
@@ -98,3 +120,7 @@ class ItemScorer:
         if self.vectors is not None:
             scores += np.einsum("bd,bcd->bc", q, self.vectors[safe]) + self.bias[safe]
         return np.where(items >= 0, scores, -np.inf).astype(np.float32)
+
+    def code_part(self, code_scores: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """``[B, L, V]`` float32 per-level code scores (the beam ranks prefixes by them)."""
+        return self.check_outputs(code_scores, query)[0]

@@ -18,7 +18,7 @@ from model.search.modes.registry import SEARCH_MODES, make_mode
 from model.search.results import ExcludeArg, SearchResult, excluded_pairs
 from model.semantic_ids.trie import CodeTrie
 
-__all__ = ["SEARCH_MODES", "ItemScorer", "exact_search", "search", "top_k", "top_k_reference"]
+__all__ = ["SEARCH_MODES", "ItemScorer", "exact_search", "search", "top_k", "top_k_reference", "top_k_unseen"]
 
 
 TOP_K_BLOCK = 128  # columns per block of the fast top-k
@@ -75,14 +75,19 @@ def top_k_reference(scores: np.ndarray, k: int) -> SearchResult:
     return SearchResult(items=items, scores=out)
 
 
+def top_k_unseen(scores: np.ndarray, k: int, exclude: ExcludeArg = None) -> SearchResult:
+    """Top-k of every row of ``scores`` ``[B, I]`` (whole-catalog scores; written in place) after the
+    excluded items are set to -inf: the exact search once the catalog is scored."""
+    rows, cols = excluded_pairs(exclude, scores.shape[0], scores.shape[1])
+    scores[rows, cols] = -np.inf
+    return top_k(scores, k)
+
+
 def exact_search(
     scorer: ItemScorer, code_scores: np.ndarray, query: np.ndarray, k: int, exclude: ExcludeArg = None
 ) -> SearchResult:
     """Top-k by the full score over the whole catalog, excluded items removed."""
-    scores = scorer.all_scores(code_scores, query)
-    rows, cols = excluded_pairs(exclude, scores.shape[0], scorer.num_items)
-    scores[rows, cols] = -np.inf
-    return top_k(scores, k)
+    return top_k_unseen(scorer.all_scores(code_scores, query), k, exclude)
 
 
 def search(
@@ -97,7 +102,7 @@ def search(
     **params: int,
 ) -> SearchResult:
     """Rank with the registered search mode ``mode``, configured from ``candidates`` (the beam's
-    width) and any other mode parameter passed by name; callers holding a configured mode call its
-    ``search`` directly."""
+    width) and any other mode parameter passed by name, from the network outputs ``(code_scores,
+    query)``; callers holding a configured mode (or a ``FoldedScorer``) call its ``search`` directly."""
     configured = make_mode(mode, {"candidates": candidates, **params})
-    return configured.search(scorer, trie, code_scores, query, k, exclude)
+    return configured.search(scorer, trie, (code_scores, query), k, exclude)

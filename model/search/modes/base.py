@@ -11,13 +11,13 @@ numpy only: the service imports this package and must never pull in torch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 
-from model.search.item_scores import ItemScorer
+from model.search.item_scores import Scorer
 from model.search.results import ExcludeArg, SearchResult
 from model.semantic_ids.trie import CodeTrie
 
@@ -81,14 +81,15 @@ class SearchMode(ABC):
     @abstractmethod
     def search(
         self,
-        scorer: ItemScorer,
+        scorer: Scorer,
         trie: CodeTrie,
-        code_scores: np.ndarray,
-        query: np.ndarray,
+        outputs: Sequence[np.ndarray],
         k: int,
         exclude: ExcludeArg = None,
     ) -> SearchResult:
-        """Top-k items per user by the full item score, ``exclude``d items never returned."""
+        """Top-k items per user by the full item score, ``exclude``d items never returned. ``outputs``
+        are the network outputs ``scorer`` reads (``scorer.output_names``: ``(code_scores, query)``
+        for an ``ItemScorer``, ``(history,)`` for a ``FoldedScorer``)."""
 
 
 def widened(mode: SearchMode, param: str, width: int) -> SearchMode:

@@ -8,13 +8,14 @@ needs width; it is the search for catalogs too large to score whole.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from model.search.beam import constrained_beam_search
-from model.search.item_scores import ItemScorer
+from model.search.item_scores import Scorer
 from model.search.modes.base import Param, SearchConfigError, SearchMode, widened
 from model.search.results import ExcludeArg, SearchResult
 from model.search.scoring import top_k
@@ -45,23 +46,22 @@ class BeamMode(SearchMode):
 
     def search(
         self,
-        scorer: ItemScorer,
+        scorer: Scorer,
         trie: CodeTrie,
-        code_scores: np.ndarray,
-        query: np.ndarray,
+        outputs: Sequence[np.ndarray],
         k: int,
         exclude: ExcludeArg = None,
     ) -> SearchResult:
         self.check_k(k)
-        cs, q = scorer.check_outputs(code_scores, query)
+        outputs = scorer.check_outputs(*outputs)
         width = self.candidates
-        proposed = constrained_beam_search(cs, trie, beam_size=width, k=width, exclude=exclude)
-        return rescore(scorer, cs, q, proposed.items, k)
+        proposed = constrained_beam_search(scorer.code_part(*outputs), trie, width, width, exclude)
+        return rescore(scorer, outputs, proposed.items, k)
 
 
-def rescore(scorer: ItemScorer, cs: np.ndarray, q: np.ndarray, items: np.ndarray, k: int) -> SearchResult:
+def rescore(scorer: Scorer, outputs: Sequence[np.ndarray], items: np.ndarray, k: int) -> SearchResult:
     """Top-k of the candidate ``items`` ``[B, C]`` (-1 = none) by the full item score."""
-    scores = scorer.scores_of(cs, q, items)
+    scores = scorer.scores_of(*outputs, items)
     best = top_k(scores, k)
     picked = np.where(best.items >= 0, np.take_along_axis(items, np.maximum(best.items, 0), axis=1), -1)
     return SearchResult(items=picked, scores=best.scores)

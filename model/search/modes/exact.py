@@ -1,21 +1,23 @@
 """``exact``: score every catalog item, drop the excluded ones, take the top k.
 
-L gathers plus one ``[B, D] x [D, I]`` product per batch (``model.search.scoring.exact_search``). The
+``scorer.all_scores`` (L gathers plus one ``[B, D] x [D, I]`` product per batch for an ``ItemScorer``,
+the product alone for a ``FoldedScorer``), then ``model.search.scoring.top_k_unseen``. The
 reference, and the served search up to ``EXACT_MAX_ITEMS`` items: there it is both the most accurate
 and cheaper per user than any beam wide enough to matter (docs/model.md, "The served search").
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from model.search.item_scores import ItemScorer
+from model.search.item_scores import Scorer
 from model.search.modes.base import SearchMode
 from model.search.results import ExcludeArg, SearchResult
-from model.search.scoring import exact_search
+from model.search.scoring import top_k_unseen
 from model.semantic_ids.trie import CodeTrie
 
 # Up to this many items --search auto serves exact; above, the cost (~0.1 us per item and user) meets
@@ -33,12 +35,11 @@ class ExactMode(SearchMode):
 
     def search(
         self,
-        scorer: ItemScorer,
+        scorer: Scorer,
         trie: CodeTrie,
-        code_scores: np.ndarray,
-        query: np.ndarray,
+        outputs: Sequence[np.ndarray],
         k: int,
         exclude: ExcludeArg = None,
     ) -> SearchResult:
         self.check_k(k)
-        return exact_search(scorer, code_scores, query, k, exclude)
+        return top_k_unseen(scorer.all_scores(*outputs), k, exclude)

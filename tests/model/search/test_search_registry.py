@@ -46,9 +46,9 @@ class HeadMode(SearchMode):
 
     head_items: int = 5
 
-    def search(self, scorer, trie, code_scores, query, k, exclude=None) -> SearchResult:
-        items = np.broadcast_to(np.arange(self.head_items), (len(query), self.head_items))
-        best = top_k(scorer.scores_of(code_scores, query, items), k)
+    def search(self, scorer, trie, outputs, k, exclude=None) -> SearchResult:
+        items = np.broadcast_to(np.arange(self.head_items), (len(outputs[0]), self.head_items))
+        best = top_k(scorer.scores_of(*outputs, items), k)
         return SearchResult(np.where(best.items >= 0, items[0][np.maximum(best.items, 0)], -1), best.scores)
 
 
@@ -116,7 +116,7 @@ def test_a_registered_mode_is_a_cli_choice_a_config_value_and_a_manifest_mode(to
     cs, q = rng.standard_normal((2, 2, 4)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32)
     got = search(scorer, CodeTrie.from_codes(codes, 4), cs, q, 3, "head", head_items=6)
     assert np.isin(got.items, np.arange(6)).all()
-    np.testing.assert_array_equal(got.items, HeadMode(6).search(scorer, None, cs, q, 3).items)
+    np.testing.assert_array_equal(got.items, HeadMode(6).search(scorer, None, (cs, q), 3).items)
 
 
 def test_an_unregistered_mode_is_refused_everywhere(tmp_path):
@@ -150,7 +150,7 @@ def test_a_mode_must_declare_its_fields_as_params_and_take_a_free_name():
         help: ClassVar[str] = ""
         width: int = 3  # a field that is not a declared parameter
 
-        def search(self, scorer, trie, code_scores, query, k, exclude=None):
+        def search(self, scorer, trie, outputs, k, exclude=None):
             raise AssertionError
 
     with pytest.raises(SearchConfigError, match="fields must be its params"):
