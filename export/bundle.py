@@ -5,14 +5,18 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
     BUNDLE_ROOT/NAME/VERSION/        VERSION a positive integer; the service takes the newest or a pinned one
         manifest.json                what is in the bundle, where it came from, sha256 of every other file
         model.onnx                   codes [B, N, L] int64 + items [B, N] int64 + item_mask [B, N] bool
-                                     -> code_scores [B, L, V] float32 + query [B, D] float32
+                                     -> history [B, D] float32 (the state the item score is affine in)
         semantic_ids.npz             SemanticIdTable (item catalog ids + code tuples)
-        item_scores.npz              the catalog side of the item score: vectors [I, D] float32 (width 0
-                                     for models without item IDs), bias [I] float32, trained [I] bool
+        item_table.npy               the folded item score: score(i) = history . table[i] + bias[i],
+        item_bias.npy                [I, D] / [I] float32 (model.search.folded, export.fold)
+        code_heads.npz               weight [D, L, V], bias [L, V] float32: per-level code scores of a
+                                     history, what the beam ranks prefixes by
         trie.npz                     CodeTrie arrays for the constrained beam search
         popular.npy                  int64 item indices, most popular first (fallback for empty histories)
 
-numpy + json + hashlib only: the service reads bundles and must never import torch. A bundle is built
+Schema 2 bundles (model.onnx -> code_scores + query, item_scores.npz with the unfolded catalog side)
+are still read and served (``ItemScorer``). numpy + json + hashlib only: the service reads bundles
+and must never import torch. A bundle is built
 in a hidden temporary directory next to its final place and renamed in one step, so a reader never
 sees a half-written version and a failed export leaves nothing behind.
 """
@@ -31,22 +35,47 @@ from pathlib import Path
 
 import numpy as np
 
-from model.search.item_scores import ItemScorer
+from model.search.folded import CodeHeads, FoldedScorer
+from model.search.item_scores import ItemScorer, Scorer
 from model.search.modes.base import SearchConfigError, SearchMode
 from model.search.modes.registry import manifest_schema, mode_from_manifest
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
-# 2: the model outputs item-score parts (code_scores + query) and item_scores.npz ships the catalog side.
-# Schema 1 bundles (per-level log_probs) are refused with a message to re-export (docs/architecture.md).
-SCHEMA_VERSION = 2
+# 3: the model outputs history [B, D]; the item score ships folded (item_table.npy + item_bias.npy) with the
+# code heads (code_heads.npz). 2 (still read): the model outputs code_scores + query, item_scores.npz holds
+# the unfolded catalog side. Schema 1 bundles (per-level log_probs) are refused with a message to re-export.
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, 3)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 SEMANTIC_IDS_FILE = "semantic_ids.npz"
-ITEM_SCORES_FILE = "item_scores.npz"
+ITEM_TABLE_FILE = "item_table.npy"
+ITEM_BIAS_FILE = "item_bias.npy"
+CODE_HEADS_FILE = "code_heads.npz"
+ITEM_SCORES_FILE = "item_scores.npz"  # schema 2
 TRIE_FILE = "trie.npz"
 POPULAR_FILE = "popular.npy"
-BUNDLE_FILES = (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE)
+_SCHEMA_FILES = {
+    2: (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE),
+    3: (
+        MODEL_FILE,
+        SEMANTIC_IDS_FILE,
+        ITEM_TABLE_FILE,
+        ITEM_BIAS_FILE,
+        CODE_HEADS_FILE,
+        TRIE_FILE,
+        POPULAR_FILE,
+    ),
+}
+BUNDLE_FILES = _SCHEMA_FILES[SCHEMA_VERSION]  # what fair-export writes
+
+
+def bundle_files(schema: int) -> tuple[str, ...]:
+    """The files a bundle of layout ``schema`` must hold besides its manifest."""
+    return _SCHEMA_FILES[schema]
+
+
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Keys every manifest carries; readers may rely on them (see docs/architecture.md, "Bundle").
@@ -171,8 +200,10 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
             f"{path}: a schema 1 bundle (per-level log-probs, ranked by the old objective); this version "
             f"serves schema {SCHEMA_VERSION} (item scores): re-export its checkpoint with fair-export"
         )
-    if schema != SCHEMA_VERSION:
-        raise BundleError(f"{path}: manifest schema_version {schema!r}, this code reads {SCHEMA_VERSION}")
+    if isinstance(schema, bool) or schema not in READABLE_SCHEMAS:
+        raise BundleError(
+            f"{path}: manifest schema_version {schema!r}, this code reads {list(READABLE_SCHEMAS)}"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
@@ -202,7 +233,8 @@ def verify_checksums(bundle_dir: str | os.PathLike) -> list[str]:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     files: dict[str, str] = manifest["files"]
-    problems = [f"{name}: not listed in {MANIFEST_FILE}" for name in BUNDLE_FILES if name not in files]
+    needed = bundle_files(manifest["schema_version"])
+    problems = [f"{name}: not listed in {MANIFEST_FILE}" for name in needed if name not in files]
     for name, expected in sorted(files.items()):
         path = bundle_dir / name
         if Path(name).name != name:
@@ -229,8 +261,7 @@ class LoadedBundle:
     table: SemanticIdTable
     trie: CodeTrie
     popular: np.ndarray  # [P] int64 item indices, most popular first
-    scorer: ItemScorer  # the catalog side of the item score
-    trained: np.ndarray  # [I] bool: items with a trained ID row (the others rank by codes, + text if any)
+    scorer: Scorer  # the catalog side of the item score: FoldedScorer (schema 3) or ItemScorer (schema 2)
     search: SearchMode  # the manifest's search, configured (how the service ranks)
 
     @property
@@ -250,6 +281,15 @@ class LoadedBundle:
         return int(self.manifest["max_history"])
 
     @property
+    def schema_version(self) -> int:
+        return int(self.manifest["schema_version"])
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The model outputs the scorer reads: ``("history",)`` or, schema 2, ``("code_scores", "query")``."""
+        return self.scorer.output_names
+
+    @property
     def search_mode(self) -> str:
         return self.search.name
 
@@ -266,7 +306,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         problems = verify_checksums(bundle_dir)
         if problems:
             raise BundleError(f"{bundle_dir}: checksum check failed: " + "; ".join(problems))
-    for name in BUNDLE_FILES:
+    for name in bundle_files(manifest["schema_version"]):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"{bundle_dir / name}: missing")
     try:
@@ -291,7 +331,10 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
             f"the table {table.num_items} of length {table.code_length}"
         )
     popular = load_popular(bundle_dir / POPULAR_FILE, table.num_items)
-    scorer, trained = load_item_scores(bundle_dir / ITEM_SCORES_FILE, table)
+    if manifest["schema_version"] == 2:
+        scorer: Scorer = load_item_scores(bundle_dir / ITEM_SCORES_FILE, table)
+    else:
+        scorer = load_folded(bundle_dir, table)
     return LoadedBundle(
         dir=bundle_dir,
         manifest=manifest,
@@ -300,7 +343,6 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         trie=trie,
         popular=popular,
         scorer=scorer,
-        trained=trained,
         search=mode_from_manifest(manifest["search"]),
     )
 
@@ -321,8 +363,8 @@ def save_item_scores(scorer: ItemScorer, trained: np.ndarray, path: str | os.Pat
     return path
 
 
-def load_item_scores(path: Path, table: SemanticIdTable) -> tuple[ItemScorer, np.ndarray]:
-    """Read ``item_scores.npz`` against the catalog; any inconsistency is a ``BundleError``."""
+def load_item_scores(path: Path, table: SemanticIdTable) -> ItemScorer:
+    """Read a schema 2 ``item_scores.npz`` against the catalog; any inconsistency is a ``BundleError``."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
             vectors, bias, trained = arrays["vectors"], arrays["bias"], arrays["trained"]
@@ -338,8 +380,53 @@ def load_item_scores(path: Path, table: SemanticIdTable) -> tuple[ItemScorer, np
         raise BundleError(f"{path}: item vectors or biases are not finite")
     codes = np.asarray(table.codes, dtype=np.int64)
     if vectors.shape[1] == 0:
-        return ItemScorer(codes), trained.astype(bool)
-    return ItemScorer(codes, vectors.astype(np.float32), bias.astype(np.float32)), trained.astype(bool)
+        return ItemScorer(codes)
+    return ItemScorer(codes, vectors.astype(np.float32), bias.astype(np.float32))
+
+
+def save_folded(scorer: FoldedScorer, bundle_dir: str | os.PathLike) -> None:
+    """Write ``item_table.npy``, ``item_bias.npy`` and ``code_heads.npz`` (plain arrays, no pickle)."""
+    bundle_dir = Path(bundle_dir)
+    np.save(bundle_dir / ITEM_TABLE_FILE, np.ascontiguousarray(scorer.table, dtype=np.float32))
+    np.save(bundle_dir / ITEM_BIAS_FILE, np.ascontiguousarray(scorer.bias, dtype=np.float32))
+    with open(bundle_dir / CODE_HEADS_FILE, "wb") as f:
+        np.savez(f, weight=scorer.heads.weight.astype(np.float32), bias=scorer.heads.bias.astype(np.float32))
+
+
+def load_folded(bundle_dir: str | os.PathLike, table: SemanticIdTable) -> FoldedScorer:
+    """Read the folded item score of a schema 3 bundle against its catalog; any problem (unreadable,
+    wrong shape or dtype, not finite, not fitting the catalog's items and levels) is a ``BundleError``."""
+    bundle_dir = Path(bundle_dir)
+    arrays = {}
+    for name in (ITEM_TABLE_FILE, ITEM_BIAS_FILE):
+        try:
+            arrays[name] = np.load(bundle_dir / name, allow_pickle=False)
+        except Exception as exc:
+            raise BundleError(f"{bundle_dir / name}: not a readable .npy array ({exc})") from exc
+    try:
+        with np.load(bundle_dir / CODE_HEADS_FILE, allow_pickle=False) as heads:
+            weight, head_bias = heads["weight"], heads["bias"]
+    except Exception as exc:
+        raise BundleError(f"{bundle_dir / CODE_HEADS_FILE}: not readable code heads ({exc})") from exc
+    item_table, item_bias = arrays[ITEM_TABLE_FILE], arrays[ITEM_BIAS_FILE]
+    n, levels, vocab = table.num_items, table.code_length, table.codebook_size
+    if item_table.ndim != 2 or item_table.shape[0] != n or item_bias.shape != (n,):
+        raise BundleError(
+            f"{bundle_dir / ITEM_TABLE_FILE}: table {item_table.shape} / bias {item_bias.shape} do not fit "
+            f"{n} catalog items"
+        )
+    if weight.shape != (item_table.shape[1], levels, vocab) or head_bias.shape != (levels, vocab):
+        raise BundleError(
+            f"{bundle_dir / CODE_HEADS_FILE}: weight {weight.shape} / bias {head_bias.shape}, need "
+            f"[{item_table.shape[1]}, {levels}, {vocab}] / [{levels}, {vocab}]"
+        )
+    for name, a in ((ITEM_TABLE_FILE, item_table), (ITEM_BIAS_FILE, item_bias), (CODE_HEADS_FILE, weight)):
+        if a.dtype != np.float32 or not np.isfinite(a).all():
+            raise BundleError(f"{bundle_dir / name}: must hold finite float32 values, got {a.dtype}")
+    if head_bias.dtype != np.float32 or not np.isfinite(head_bias).all():
+        raise BundleError(f"{bundle_dir / CODE_HEADS_FILE}: bias must hold finite float32 values")
+    codes = np.asarray(table.codes, dtype=np.int64)
+    return FoldedScorer(codes, item_table, item_bias, CodeHeads(weight, head_bias))
 
 
 def save_trie(trie: CodeTrie, path: str | os.PathLike) -> Path:
@@ -432,7 +519,10 @@ class BundleStaging:
         if self.path is None:
             raise RuntimeError("BundleStaging.commit outside its with-block")
         staged = sorted(p.name for p in self.path.iterdir() if p.name != MANIFEST_FILE)
-        missing = [n for n in BUNDLE_FILES if n not in staged]
+        schema = manifest.get("schema_version", SCHEMA_VERSION)  # an older layout only when asked for
+        if schema not in READABLE_SCHEMAS:
+            raise BundleError(f"cannot write schema_version {schema!r}, only {list(READABLE_SCHEMAS)}")
+        missing = [n for n in bundle_files(schema) if n not in staged]
         if missing:
             raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
         files = {name: sha256_file(self.path / name) for name in staged}
@@ -446,7 +536,7 @@ class BundleStaging:
             target = self.model_dir / str(v)
             if target.exists() and version is not None:
                 raise BundleError(f"{target}: version {v} already exists; bundle versions are immutable")
-            full = {**manifest, "schema_version": SCHEMA_VERSION, "version": v, "files": files}
+            full = {**manifest, "schema_version": schema, "version": v, "files": files}
             missing_keys = [k for k in REQUIRED_KEYS if k not in full]
             if missing_keys:
                 raise BundleError(f"manifest lacks field(s) {', '.join(missing_keys)}")

@@ -22,7 +22,6 @@ import torch
 
 from export import __version__
 from export.bundle import (
-    ITEM_SCORES_FILE,
     MODEL_FILE,
     POPULAR_FILE,
     SEMANTIC_IDS_FILE,
@@ -31,11 +30,12 @@ from export.bundle import (
     BundleStaging,
     list_versions,
     load_popular,
-    save_item_scores,
+    save_folded,
     save_trie,
     sha256_file,
     utc_now,
 )
+from export.fold import fold_item_scores
 from export.onnx_export import (
     DEFAULT_OPSET,
     ExportError,
@@ -276,7 +276,9 @@ def export_bundle(
     except ExportError as exc:
         raise ExportFailed(str(exc)) from exc
     mode = choose_search(src.table.num_items, search, search_settings)
-    how = Search(item_scorer(src.model, src.table), src.trie, mode)
+    codes = np.asarray(src.table.codes, dtype=np.int64)
+    reference = item_scorer(src.model, src.table)  # PyTorch's item score, unfolded: what must be matched
+    how = Search(fold_item_scores(src.model, codes), src.trie, mode, reference)
     entry = manifest_entry(mode, search_settings)  # the manifest's "search": the mode + every setting
     try:
         with (
@@ -313,7 +315,7 @@ def export_bundle(
             if verify and precision != "fp32":
                 cfg = src.model.cfg
                 focused = cfg.n_layers if cfg.attention == "focused" else 0
-                problems = check_graph(final, cfg.num_levels, cfg.codebook_size, focused, cfg.d_model)
+                problems = check_graph(final, focused, cfg.d_model)
                 if problems:
                     raise VerificationError(
                         f"{precision} model.onnx: graph check failed: " + "; ".join(problems)
@@ -336,7 +338,7 @@ def export_bundle(
             if evaluate:
                 metrics["bundle"] = _offline(src, final, how, entry) | {"precision": precision}
             src.table.save(staging.path / SEMANTIC_IDS_FILE)
-            save_item_scores(how.scorer, _trained(src.model), staging.path / ITEM_SCORES_FILE)
+            save_folded(how.scorer, staging.path)
             save_trie(src.trie, staging.path / TRIE_FILE)
             np.save(staging.path / POPULAR_FILE, src.popular)
             manifest = _manifest(
@@ -355,7 +357,7 @@ def _check_limits(report, max_abs_diff: float | None, min_topk_agreement: float 
     """Explicit limits (CLI overrides) apply to any precision; the defaults were applied in compare()."""
     failures = []
     if max_abs_diff is not None and not report.max_abs_diff <= max_abs_diff:
-        failures.append(f"parity: max |scores onnx - torch| = {report.max_abs_diff:.3g} > {max_abs_diff:g}")
+        failures.append(f"parity: max |history onnx - torch| = {report.max_abs_diff:.3g} > {max_abs_diff:g}")
     if min_topk_agreement is not None and report.topk_agreement < min_topk_agreement:
         failures.append(
             f"top-10: identical for {report.topk_agreement:.2%} of {report.users} users, need >= {min_topk_agreement:.0%}"
@@ -422,8 +424,12 @@ def _manifest(
         "inputs": inputs,
         "outputs": outputs,
         "search": search_entry,
+        # the folded item score beside the graph: history [D] . item_table[i] + item_bias[i]
+        "item_table": {"dim": int(how.scorer.table.shape[1]), "dtype": "float32"},
         "item_ids": {
-            "dim": 0 if how.scorer.vectors is None else int(how.scorer.vectors.shape[1]),
+            "dim": 0
+            if how.reference is None or how.reference.vectors is None
+            else int(how.reference.vectors.shape[1]),
             "trained_items": int(trained.sum()),
         },
         "metrics": metrics,

@@ -1,12 +1,14 @@
 """FAIR network -> ``model.onnx`` with the bundle's input/output contract.
 
-The graph is traced with torch's dynamo ONNX exporter from ``FAIR.next_item_scores`` in its plain
-attention form (in onnxruntime it ran faster than the SDPA form). Inputs ``codes`` int64
-``[batch, items, L]``, ``items`` int64 ``[batch, items]`` (item indices, -1 = unknown; read by item-ID
-models only) and ``item_mask`` bool ``[batch, items]``; outputs ``code_scores`` float32 ``[batch, L, V]``
-and ``query`` float32 ``[batch, D]``; batch and items are dynamic. The catalog side of the item score
-(item-ID vectors and biases) is not in the graph: it ships as ``item_scores.npz`` so the service can score
-the whole catalog or only beam candidates with the same numbers (``model.search.scoring``).
+The graph is traced with torch's dynamo ONNX exporter from ``FAIR.forward`` at the newest item
+(``last_only``) in its plain attention form (in onnxruntime it ran faster than the SDPA form). Inputs
+``codes`` int64 ``[batch, items, L]``, ``items`` int64 ``[batch, items]`` (item indices, -1 = unknown;
+read by item-ID models only) and ``item_mask`` bool ``[batch, items]``; one output, ``history`` float32
+``[batch, D]``: the final boundary state h, in which the item score is affine. Batch and items are
+dynamic. The heads are not in the graph: the item score is folded into one ``[I, D]`` table + ``[I]``
+bias (``export.fold``) and the code heads into one affine map, shipped beside the graph as .npy/.npz,
+so the service scores the whole catalog with one product, or beam candidates with the same numbers
+(``model.search.folded``).
 
 Why nodes are renamed instead of wrapped in ONNX local functions: onnxruntime inlines local functions
 when it loads a model anyway, and the int8 quantizer and graph optimisers only look at top-level
@@ -34,7 +36,7 @@ from model.search.inputs import INPUT_NAMES
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter writes 18+; its down-converter fails on this graph and keeps 18
-OUTPUT_NAMES = ("code_scores", "query")
+OUTPUT_NAMES = ("history",)
 FOCUSED_ATTENTION = "FocusedAttention"
 STANDARD_ATTENTION = "Attention"
 _WRAPPED = "model"  # attribute name of the network inside the export wrapper (prefix of scope names)
@@ -46,17 +48,24 @@ class ExportError(RuntimeError):
     """The network cannot be exported under the bundle contract (or the exporter failed)."""
 
 
-class NextItemScores(nn.Module):
-    """The exported function: (codes, items, item_mask) -> (code_scores, query); no user token input."""
+def next_item_history(
+    model: FAIR, codes: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
+) -> torch.Tensor:
+    """``[B, D]`` float32 state at the newest item: what the exported graph computes (and what the
+    verification runs in PyTorch), the input of the folded item score."""
+    out = model.forward(codes, item_mask, plain=True, items=items, last_only=True)
+    return out.history[:, -1].float()
+
+
+class NextItemHistory(nn.Module):
+    """The exported function: (codes, items, item_mask) -> history; no user token input."""
 
     def __init__(self, model: FAIR) -> None:
         super().__init__()
         self.model = model  # attribute name must equal _WRAPPED
 
-    def forward(
-        self, codes: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.next_item_scores(codes, items, item_mask)
+    def forward(self, codes: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor) -> torch.Tensor:
+        return next_item_history(self.model, codes, items, item_mask)
 
 
 def check_exportable(cfg: FAIRConfig) -> None:
@@ -107,10 +116,7 @@ def io_spec(cfg: FAIRConfig) -> tuple[list[dict], list[dict]]:
         {"name": "items", "dtype": "int64", "shape": ["batch", "items"]},
         {"name": "item_mask", "dtype": "bool", "shape": ["batch", "items"]},
     ]
-    outputs = [
-        {"name": "code_scores", "dtype": "float32", "shape": ["batch", cfg.num_levels, cfg.codebook_size]},
-        {"name": "query", "dtype": "float32", "shape": ["batch", cfg.d_model]},
-    ]
+    outputs = [{"name": "history", "dtype": "float32", "shape": ["batch", cfg.d_model]}]
     return inputs, outputs
 
 
@@ -196,11 +202,11 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Trace ``model.next_item_scores`` to ``path`` (dynamic batch/items), scope-named nodes."""
+    """Trace ``next_item_history`` to ``path`` (dynamic batch/items), scope-named nodes."""
     check_exportable(model.cfg)
     check_opset(opset)
     path = Path(path)
-    wrapper = NextItemScores(model).eval()
+    wrapper = NextItemHistory(model).eval()
     batch, items = torch.export.Dim("batch"), torch.export.Dim("items")
     # no_grad, not inference_mode: under inference_mode the dynamo exporter silently changes mode
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

@@ -1,6 +1,6 @@
 """Reduced-precision variants of an exported fp32 ``model.onnx``.
 
-Both keep the bundle's input/output contract (int64/bool in, float32 ``code_scores`` and ``query`` out), so the
+Both keep the bundle's input/output contract (int64/bool in, float32 ``history`` out), so the
 service does not care which precision a bundle holds; the manifest's ``precision`` says which.
 
 * int8: onnxruntime dynamic quantization of the weight MatMuls (weights int8 per output channel,

@@ -2,13 +2,14 @@
 
 Three gates before a bundle is renamed into place (see docs/architecture.md, "Bundle"):
 
-1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the outputs are
-   ``code_scores [batch, L, V]`` and ``query [batch, D]``, and every focused-attention layer is a named
-   unit in the graph;
+1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the one output is
+   ``history [batch, D]``, and every focused-attention layer is a named unit in the graph;
 2. numbers: onnxruntime vs PyTorch on histories of varied lengths batched together (so left padding
-   is exercised), max absolute difference of both outputs;
-3. what users see: the top-10 from the bundle's search mode (``model.search.modes``, as served),
-   ONNX vs PyTorch, identical (same items, same order) for the required share of users.
+   is exercised), max absolute difference of ``history``;
+3. what users see: the top-10 of the bundle's search mode (``model.search.modes``) on what is served
+   (ONNX ``history`` through the folded item table) against the same mode on PyTorch's own item
+   score (``code_scores`` + ``query`` through ``ItemScorer``, i.e. ``FAIR.item_logits``), identical
+   (same items, same order) for the required share of users: the graph and the fold checked at once.
 
 fp32 must pass 2 and 3; for fp16/int8 the figures are measured and recorded, not enforced (they
 change the numbers by design; their offline metrics go into the manifest instead).
@@ -26,11 +27,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units
+from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units, next_item_history
 from model.evaluate.metrics import evaluation_report
 from model.fair import FAIR
 from model.search.inputs import histories_to_inputs
-from model.search.item_scores import ItemScorer
+from model.search.item_scores import ItemScorer, Scorer
 from model.search.modes.base import SearchMode
 from model.search.modes.exact import ExactMode
 from model.semantic_ids.table import SemanticIdTable
@@ -42,17 +43,20 @@ MIN_TOPK_AGREEMENT = 0.99
 DEFAULT_USERS = 256
 BATCH = 32
 
-# (codes, items, item_mask) -> (code_scores [B, L, V], query [B, D]), float32
-ScoresFn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (codes, items, item_mask) -> {output name: float32 array}: ONNX gives "history" [B, D]; PyTorch also
+# "code_scores" [B, L, V] and "query" [B, D], the unfolded item score's inputs
+ScoresFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Search:
-    """How a bundle's items are ranked: the scorer (catalog side), the trie and the configured mode."""
+    """How a bundle's items are ranked: the scorer it ships (a ``FoldedScorer``), the trie and the
+    configured mode; ``reference`` is PyTorch's unfolded item score, what the served ranking must equal."""
 
-    scorer: ItemScorer
+    scorer: Scorer
     trie: CodeTrie
     mode: SearchMode = field(default_factory=ExactMode)
+    reference: ItemScorer | None = None
 
 
 class VerificationError(RuntimeError):
@@ -95,19 +99,25 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
 
 
 def onnx_fn(session: ort.InferenceSession) -> ScoresFn:
-    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+
+    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> dict[str, np.ndarray]:
         arrays = (codes.astype(np.int64), items.astype(np.int64), item_mask.astype(bool))
-        code_scores, query = session.run(None, dict(zip(INPUT_NAMES, arrays, strict=True)))
-        return code_scores, query
+        return dict(zip(names, session.run(names, dict(zip(INPUT_NAMES, arrays, strict=True))), strict=True))
 
     return run
 
 
 def torch_fn(model: FAIR) -> ScoresFn:
-    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's ``history`` (the exported computation) and, from the same forward pass, the unfolded
+    item score's ``code_scores`` and ``query`` (``FAIR.next_item_scores``)."""
+
+    def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            cs, q = model.next_item_scores(*(torch.from_numpy(a) for a in (codes, items, item_mask)))
-        return cs.float().numpy(), q.float().numpy()
+            inputs = (torch.from_numpy(a) for a in (codes, items, item_mask))
+            h = next_item_history(model, *inputs)
+            cs, q = model.head_logits(h), model.query(h)
+        return {"history": h.numpy(), "code_scores": cs.float().numpy(), "query": q.float().numpy()}
 
     return run
 
@@ -118,29 +128,30 @@ def scores_for(
     codes_table: np.ndarray,
     max_history: int,
     batch: int = BATCH,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(code_scores [U, L, V], query [U, D]) for every history, in batches of mixed lengths (left
-    padding exercised)."""
-    cs, qs = [], []
+) -> dict[str, np.ndarray]:
+    """Every output of ``fn`` for every history (``[U, ...]`` float32 by name), in batches of mixed
+    lengths (left padding exercised)."""
+    parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(histories), batch):
         inputs = histories_to_inputs(histories[start : start + batch], codes_table, max_history)
-        c, q = fn(*inputs)
-        cs.append(np.asarray(c, dtype=np.float32))
-        qs.append(np.asarray(q, dtype=np.float32))
-    return np.concatenate(cs), np.concatenate(qs)
+        for name, value in fn(*inputs).items():
+            parts.setdefault(name, []).append(np.asarray(value, dtype=np.float32))
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def top_items(
     how: Search,
-    code_scores: np.ndarray,
-    query: np.ndarray,
+    outputs: dict[str, np.ndarray],
     histories: Sequence[np.ndarray],
     k: int = TOP_K,
+    scorer: Scorer | None = None,
 ) -> np.ndarray:
-    """Top-k items per user through the bundle's search mode, seen items excluded and the mode widened
-    to k as when serving."""
+    """Top-k items per user through the bundle's search mode (on ``scorer``, default the bundle's),
+    seen items excluded and the mode widened to k as when serving."""
+    scorer = scorer or how.scorer
     mode = how.mode.at_least(k)
-    return mode.search(how.scorer, how.trie, (code_scores, query), k, list(histories)).items
+    needed = tuple(outputs[name] for name in scorer.output_names)
+    return mode.search(scorer, how.trie, needed, k, list(histories)).items
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------
@@ -173,9 +184,7 @@ def sample_histories(
 
 
 # ---- gates ----------------------------------------------------------------------------------------------
-def check_graph(
-    path: str | os.PathLike, num_levels: int, codebook_size: int, focused_layers: int, d_model: int
-) -> list[str]:
+def check_graph(path: str | os.PathLike, focused_layers: int, d_model: int) -> list[str]:
     """Gate 1. Returns the list of problems (empty = pass)."""
     problems: list[str] = []
     try:
@@ -187,20 +196,17 @@ def check_graph(
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as exc:
         return [f"shape inference: {exc}"]
+    outputs = [o.name for o in inferred.graph.output]
+    if outputs != ["history"]:
+        problems.append(f"outputs are {outputs}, expected one: history")
     out = inferred.graph.output[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in out.shape.dim]
-    if out.elem_type != onnx.TensorProto.FLOAT or len(dims) != 3 or dims[1:] != [num_levels, codebook_size]:
+    if out.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[1] != d_model:
         problems.append(
-            f"output is {onnx.TensorProto.DataType.Name(out.elem_type)} {dims}, expected FLOAT [batch, {num_levels}, {codebook_size}]"
+            f"output is {onnx.TensorProto.DataType.Name(out.elem_type)} {dims}, expected FLOAT [batch, {d_model}]"
         )
     elif isinstance(dims[0], int) and dims[0] > 0:
         problems.append(f"batch axis of the output is static ({dims[0]})")
-    query = inferred.graph.output[1].type.tensor_type if len(inferred.graph.output) > 1 else None
-    qdims = (
-        [d.dim_value if d.HasField("dim_value") else d.dim_param for d in query.shape.dim] if query else []
-    )
-    if query is None or query.elem_type != onnx.TensorProto.FLOAT or len(qdims) != 2 or qdims[1] != d_model:
-        problems.append(f"second output is {qdims}, expected query FLOAT [batch, {d_model}]")
     units = attention_units(proto, FOCUSED_ATTENTION)
     if len(units) != focused_layers:
         problems.append(
@@ -221,27 +227,37 @@ def compare(
     """Gates 2 and 3 (enforced for fp32 only)."""
     ref = scores_for(reference, histories, table.codes, max_history)
     got = scores_for(candidate, histories, table.codes, max_history)
-    if any(np.isnan(a).any() for a in (*ref, *got)):  # e.g. a checkpoint with NaN weights
+    shared = [name for name in got if name in ref]  # the graph's outputs (history)
+    # PyTorch's ranking by its own item score when the reference gives it, else by the bundle's scorer
+    ref_scorer = how.reference if how.reference is not None and _has_outputs(ref, how.reference) else None
+    if any(np.isnan(a).any() for a in (*ref.values(), *got.values())):  # e.g. NaN weights
         diff, agreement = float("nan"), 0.0
     else:
-        diff = max(float(np.abs(r - g).max()) if r.size else 0.0 for r, g in zip(ref, got, strict=True))
-        same = top_items(how, *ref, histories) == top_items(how, *got, histories)
+        diff = max(
+            (float(np.abs(ref[n] - got[n]).max()) if got[n].size else 0.0 for n in shared), default=0.0
+        )
+        same = top_items(how, ref, histories, scorer=ref_scorer) == top_items(how, got, histories)
         agreement = float(same.all(axis=1).mean()) if len(same) else 1.0
     report = VerificationReport(precision, len(histories), diff, agreement)
+    against = "pytorch's item score" if ref_scorer is not None else "pytorch through the same scorer"
     report.checks += [
-        "onnxruntime vs pytorch code_scores and query",
-        f"top-{TOP_K} agreement through the served search ({how.mode.name})",
+        f"onnxruntime vs pytorch {' and '.join(shared)}",
+        f"top-{TOP_K} agreement through the served search ({how.mode.name}) against {against}",
     ]
     if precision == "fp32":
         if not diff <= MAX_ABS_DIFF_FP32:
             report.failures.append(
-                f"parity: max |scores onnx - torch| = {diff:.3g} > {MAX_ABS_DIFF_FP32:g} over {len(histories)} histories"
+                f"parity: max |{' and '.join(shared)} onnx - torch| = {diff:.3g} > {MAX_ABS_DIFF_FP32:g} over {len(histories)} histories"
             )
         if report.topk_agreement < MIN_TOPK_AGREEMENT:
             report.failures.append(
                 f"top-{TOP_K}: identical for {report.topk_agreement:.2%} of {len(histories)} users, need >= {MIN_TOPK_AGREEMENT:.0%}"
             )
     return report
+
+
+def _has_outputs(outputs: dict[str, np.ndarray], scorer: Scorer) -> bool:
+    return all(name in outputs for name in scorer.output_names)
 
 
 def verify_model(
@@ -256,7 +272,7 @@ def verify_model(
     """All gates; raises ``VerificationError`` naming each failed gate and its figure."""
     cfg = model.cfg
     focused = cfg.n_layers if cfg.attention == "focused" else 0
-    graph_problems = check_graph(onnx_path, cfg.num_levels, cfg.codebook_size, focused, cfg.d_model)
+    graph_problems = check_graph(onnx_path, focused, cfg.d_model)
     if graph_problems:
         raise VerificationError(f"{Path(onnx_path).name}: graph check failed: " + "; ".join(graph_problems))
     session = ort_session(onnx_path)
@@ -282,7 +298,6 @@ def offline_metrics(
     items = []
     for start in range(0, len(hist), batch):
         part = hist[start : start + batch]
-        cs, q = scores_for(fn, part, table.codes, max_history, batch=batch)
-        items.append(top_items(how, cs, q, part))
+        items.append(top_items(how, scores_for(fn, part, table.codes, max_history, batch=batch), part))
     ranked = np.concatenate(items) if items else np.zeros((0, TOP_K), dtype=np.int64)
     return evaluation_report(ranked, np.asarray(targets)[keep], table.num_items, exclude=hist)

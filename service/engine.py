@@ -1,4 +1,4 @@
-"""A loaded bundle ready to serve: one onnxruntime session + the catalog, item scores, trie, popular list.
+"""A loaded bundle ready to serve: one onnxruntime session + the catalog, its (folded) item score, trie, popular list.
 
 The provider list is a preference (CUDA, then CPU); onnxruntime silently drops providers it cannot
 use, so we read back what the session actually runs on, log it, and expose it (``/model``,
@@ -24,19 +24,18 @@ from export.bundle import LoadedBundle, load_bundle
 from model.search.inputs import INPUT_NAMES, histories_to_inputs
 
 log = logging.getLogger("fair.engine")
-OUTPUT_NAMES = ["code_scores", "query"]
 
 
 @dataclass(frozen=True)
 class ModelScores:
-    """One forward pass's output for a batch: ``code_scores [B, L, V]`` and ``query [B, D]``; rows
-    can be taken with ``scores[rows]`` (the batcher searches groups of rows)."""
+    """One forward pass's outputs for a batch, in the order the bundle's scorer reads them
+    (``history [B, D]``; a schema 2 bundle: ``code_scores [B, L, V]``, ``query [B, D]``); rows can be
+    taken with ``scores[rows]`` (the batcher searches groups of rows)."""
 
-    code_scores: np.ndarray
-    query: np.ndarray
+    outputs: tuple[np.ndarray, ...]
 
     def __getitem__(self, rows) -> ModelScores:
-        return ModelScores(self.code_scores[rows], self.query[rows])
+        return ModelScores(tuple(o[rows] for o in self.outputs))
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -45,7 +44,7 @@ _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 def single_threaded_blas() -> threadpool_limits:
     """Limit numpy's BLAS to one thread for the whole process (undo with ``.restore_original_limits()``).
 
-    The exact search's ``query @ item_vectors.T`` is a small product per batch; a multi-threaded BLAS
+    The exact search's ``history @ item_table.T`` is a small product per batch; a multi-threaded BLAS
     spins up its threads for it and, on cores already busy with the event loop, ONNX Runtime and Redis,
     waits for them: on the trained Beauty bundle (12k x 128 items) one batch-1 scoring took 8.0 ms with
     the default threads and 0.86 ms with one (2-core box under load). The service is one search thread
@@ -105,8 +104,8 @@ class Engine:
     def forward(self, histories: Sequence[np.ndarray]) -> ModelScores:
         """Histories of item indices (oldest first, non-empty) -> the batch's ``ModelScores``."""
         inputs = histories_to_inputs(histories, self.bundle.table.codes, self.max_history)
-        code_scores, query = self.session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, inputs, strict=True)))
-        return ModelScores(code_scores, query)
+        names = list(self.bundle.output_names)
+        return ModelScores(tuple(self.session.run(names, dict(zip(INPUT_NAMES, inputs, strict=True)))))
 
     def search(
         self, scores: ModelScores, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
@@ -119,7 +118,7 @@ class Engine:
         """
         b = self.bundle
         mode = b.search.at_least(max(beam_size, k))
-        result = mode.search(b.scorer, b.trie, (scores.code_scores, scores.query), k, exclude)
+        result = mode.search(b.scorer, b.trie, scores.outputs, k, exclude)
         return result.items, result.scores
 
     def warm_up(self, max_batch_size: int, beam_size: int, k: int) -> float:
@@ -159,10 +158,10 @@ def load_engine(
     )
     names = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if sorted(names) != sorted(INPUT_NAMES) or sorted(outputs) != sorted(OUTPUT_NAMES):
+    if sorted(names) != sorted(INPUT_NAMES) or sorted(outputs) != sorted(bundle.output_names):
         raise ValueError(
             f"{bundle.model_path}: model inputs {names} / outputs {outputs} do not match "
-            f"{', '.join(INPUT_NAMES)} -> {', '.join(OUTPUT_NAMES)}"
+            f"{', '.join(INPUT_NAMES)} -> {', '.join(bundle.output_names)}"
         )
     provider = session.get_providers()[0]
     if wanted[0] != provider:

@@ -22,14 +22,33 @@ from export.bundle import (
     list_versions,
     load_bundle,
     resolve_bundle,
+    save_folded,
     save_item_scores,
     save_trie,
     utc_now,
     verify_checksums,
     write_bundle,
 )
+from model.search.folded import CodeHeads, FoldedScorer
 from model.search.scoring import ItemScorer
 from model.semantic_ids.trie import CodeTrie
+
+
+def _folded(table, dim: int = 4, items: int | None = None) -> FoldedScorer:
+    n = table.num_items if items is None else items
+    rng = np.random.default_rng(0)
+    heads = CodeHeads(
+        rng.standard_normal((dim, table.code_length, table.codebook_size)).astype(np.float32),
+        rng.standard_normal((table.code_length, table.codebook_size)).astype(np.float32),
+    )
+    table_rows = rng.standard_normal((n, dim)).astype(np.float32)
+    return FoldedScorer(table.codes[:n], table_rows, rng.standard_normal(n).astype(np.float32), heads)
+
+
+def _folded_files(scorer: FoldedScorer, folder) -> dict:
+    folder.mkdir(exist_ok=True)
+    save_folded(scorer, folder)
+    return {name: folder / name for name in ("item_table.npy", "item_bias.npy", "code_heads.npz")}
 
 
 @pytest.fixture
@@ -39,13 +58,10 @@ def parts(tmp_path):
     table.save(tmp_path / "sid.npz")
     save_trie(CodeTrie.from_codes(table.codes, table.codebook_size), tmp_path / "trie.npz")
     np.save(tmp_path / "pop.npy", np.array([3, 1, 2], dtype=np.int64))
-    n = table.num_items
-    scorer = ItemScorer(table.codes, np.ones((n, 4), np.float32), np.zeros(n, np.float32))
-    save_item_scores(scorer, np.ones(n, dtype=bool), tmp_path / "scores.npz")
     files = {
         "model.onnx": b"not really onnx",
         "semantic_ids.npz": tmp_path / "sid.npz",
-        "item_scores.npz": tmp_path / "scores.npz",
+        **_folded_files(_folded(table), tmp_path / "folded"),
         "trie.npz": tmp_path / "trie.npz",
         "popular.npy": tmp_path / "pop.npy",
     }
@@ -225,14 +241,56 @@ def test_a_manifest_with_a_bad_search_field_is_refused(tmp_path, parts, search):
         load_bundle(path, verify=False)
 
 
-def test_item_scores_that_do_not_fit_the_catalog_are_refused(tmp_path, parts):
+def test_a_folded_table_that_does_not_fit_the_catalog_is_refused(tmp_path, parts):
     files, manifest, table = parts
     n = table.num_items
-    bad = ItemScorer(table.codes[:-1], np.ones((n - 1, 4), np.float32), np.zeros(n - 1, np.float32))
-    save_item_scores(bad, np.ones(n - 1, dtype=bool), tmp_path / "short.npz")
-    path = write_bundle(tmp_path / "m", manifest, {**files, "item_scores.npz": tmp_path / "short.npz"})
-    with pytest.raises(BundleError, match=f"do not fit {n} catalog items"):
+    short = _folded_files(_folded(table, items=n - 1), tmp_path / "short")
+    path = write_bundle(tmp_path / "m", manifest, {**files, **short})
+    with pytest.raises(BundleError, match=f"item_table.npy: table .* do not fit {n} catalog items"):
         load_bundle(path)
+    np.save(tmp_path / "wide.npy", np.zeros((n, 5), np.float32))  # 5 wide, the code heads are 4
+    path = write_bundle(tmp_path / "m", manifest, {**files, "item_table.npy": tmp_path / "wide.npy"})
+    with pytest.raises(BundleError, match=r"code_heads.npz: weight \(4, 3, 16\)"):
+        load_bundle(path)
+    np.save(tmp_path / "f64.npy", np.zeros(n, np.float64))
+    path = write_bundle(tmp_path / "m", manifest, {**files, "item_bias.npy": tmp_path / "f64.npy"})
+    with pytest.raises(BundleError, match="item_bias.npy: must hold finite float32"):
+        load_bundle(path)
+
+
+def test_a_bundle_loads_its_folded_item_score(tmp_path, parts):
+    files, manifest, table = parts
+    loaded = load_bundle(write_bundle(tmp_path / "m", manifest, files))
+    want = _folded(table)
+    assert loaded.schema_version == 3 and loaded.output_names == ("history",)
+    np.testing.assert_array_equal(loaded.scorer.table, want.table)
+    np.testing.assert_array_equal(loaded.scorer.heads.weight, want.heads.weight)
+    h = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(loaded.scorer.all_scores(h), h @ want.table.T + want.bias, rtol=1e-6)
+
+
+def test_a_schema_2_bundle_is_still_read_and_scored_unfolded(tmp_path, parts):
+    """Bundles exported before the fold (graph -> code_scores + query, item_scores.npz) keep serving."""
+    files, manifest, table = parts
+    n = table.num_items
+    scorer = ItemScorer(table.codes, np.ones((n, 4), np.float32), np.zeros(n, np.float32))
+    save_item_scores(scorer, np.ones(n, dtype=bool), tmp_path / "scores.npz")
+    old = {k: v for k, v in files.items() if k not in ("item_table.npy", "item_bias.npy", "code_heads.npz")}
+    old["item_scores.npz"] = tmp_path / "scores.npz"
+    path = write_bundle(tmp_path / "m", {**manifest, "schema_version": 2}, old)
+    loaded = load_bundle(path)
+    assert loaded.schema_version == 2 and loaded.output_names == ("code_scores", "query")
+    assert isinstance(loaded.scorer, ItemScorer) and (loaded.scorer.vectors == 1).all()
+    assert verify_checksums(path) == []
+    short = ItemScorer(table.codes[:-1], np.ones((n - 1, 4), np.float32), np.zeros(n - 1, np.float32))
+    save_item_scores(short, np.ones(n - 1, dtype=bool), tmp_path / "short.npz")
+    bad = write_bundle(
+        tmp_path / "m", {**manifest, "schema_version": 2}, {**old, "item_scores.npz": tmp_path / "short.npz"}
+    )
+    with pytest.raises(BundleError, match=f"do not fit {n} catalog items"):
+        load_bundle(bad)
+    with pytest.raises(BundleError, match="lacks file"):  # a schema 3 bundle needs the folded table
+        write_bundle(tmp_path / "m", manifest, old)
 
 
 def test_a_bundle_whose_directory_names_another_version_is_refused(tmp_path, parts):

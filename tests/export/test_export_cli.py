@@ -14,18 +14,28 @@ from tiny_export import TINY_CONFIG, build_tiny_run, tiny_table, write_tiny_data
 
 from export.bundle import load_bundle
 from export.cli import main
-from export.onnx_export import FOCUSED_ATTENTION, attention_units
+from export.onnx_export import FOCUSED_ATTENTION, attention_units, next_item_history
 from export.quantize import convert_fp16
 from export.verify import check_graph
+from model.evaluate.ranking import item_scorer
 from model.search.inputs import INPUT_NAMES, histories_to_inputs
-from model.search.scoring import search
+from model.search.modes.registry import make_mode
 from model.train.checkpoint import load_model
 
 
+def _torch_history(model, inputs) -> np.ndarray:
+    with torch.no_grad():
+        return next_item_history(model, *(torch.from_numpy(a) for a in inputs)).numpy()
+
+
 def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
+    """The graph outputs PyTorch's history, and the bundle's folded table turns it into PyTorch's item
+    scores (``FAIR.item_logits``) and PyTorch's ranking."""
     bundle = load_bundle(tiny_bundle)
     model, _ = load_model(tiny_run / "best.pt")
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    reference = item_scorer(model, bundle.table)
+    exact = make_mode("exact")
     rng = np.random.default_rng(1)
     # several batch sizes and history lengths, including ones longer than the model's position table
     for batch, longest in [(1, 1), (5, 3), (17, 12)]:
@@ -33,59 +43,61 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
             rng.choice(bundle.table.num_items, size=int(rng.integers(1, longest + 1))) for _ in range(batch)
         ]
         inputs = histories_to_inputs(histories, bundle.table.codes, max_history=longest)
-        got = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+        (got,) = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+        want = _torch_history(model, inputs)
+        assert got.shape == (batch, TINY_CONFIG["d_model"])
+        assert np.abs(got - want).max() <= 1e-4
         with torch.no_grad():
-            want = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
-        assert got[0].shape == (batch, TINY_CONFIG["num_levels"], TINY_CONFIG["codebook_size"])
-        assert got[1].shape == (batch, TINY_CONFIG["d_model"])
-        assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) <= 1e-4
-        top_got = search(bundle.scorer, bundle.trie, *got, k=10, exclude=histories).items
-        top_want = search(bundle.scorer, bundle.trie, *want, k=10, exclude=histories).items
+            unfolded = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
+            logits = model.item_logits(torch.from_numpy(want), torch.from_numpy(bundle.table.codes)).numpy()
+        top_got = exact.search(bundle.scorer, bundle.trie, (got,), 10, histories).items
+        top_want = exact.search(reference, bundle.trie, tuple(unfolded), 10, histories).items
         assert (top_got == top_want).all(axis=1).mean() >= 0.99
-        # the bundle's item table is the model's: same full scores as the PyTorch item logits
-        with torch.no_grad():
-            logits = model.item_logits(
-                model(*(torch.from_numpy(inputs[i]) for i in (0, 2)), items=torch.from_numpy(inputs[1]),
-                      plain=True).history[:, -1],
-                torch.from_numpy(bundle.table.codes),
-            ).numpy()  # fmt: skip
-        np.testing.assert_allclose(bundle.scorer.all_scores(*got), logits, atol=1e-3, rtol=1e-4)
-    trained = bundle.trained
-    assert trained.sum() == bundle.manifest["item_ids"]["trained_items"] == TINY_CONFIG["num_items"] - 18
-    assert (bundle.scorer.vectors[~trained] == 0).all() and (bundle.scorer.bias[~trained] == 0).all()
+        # the bundle's folded table is the model's item score: same scores as the PyTorch item logits
+        np.testing.assert_allclose(bundle.scorer.all_scores(got), logits, atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(bundle.scorer.code_part(got), unfolded[0], atol=1e-3, rtol=1e-4)
+    assert bundle.manifest["item_ids"]["trained_items"] == TINY_CONFIG["num_items"] - 18
+    assert bundle.manifest["item_table"] == {"dim": TINY_CONFIG["d_model"], "dtype": "float32"}
     assert bundle.manifest["search"] == {"mode": "exact", "candidates": 200}
+    assert bundle.schema_version == 3 and bundle.output_names == ("history",)
 
     v = bundle.manifest["verification"]["fp32"]
     assert v["users"] == 256 and v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
+    assert "against pytorch's item score" in v["checks"][-1]
     assert bundle.manifest["metrics"]["run"]["test"]["recall@10"] == 0.5  # the run's metrics.json
 
 
 def test_a_text_model_exports_its_text_part_for_every_item_cold_ones_included(tmp_path):
-    """model.item_text: the bundle's item vectors are ID rows + projected text, so an item without a
-    trained ID row still has its text part in the served score; the graph reads the text on input."""
+    """model.item_text: the folded table holds ID rows + projected text, so an item without a trained
+    ID row still has its text part in the served score; the graph reads the text on input."""
     run = build_tiny_run(tmp_path / "run", item_text=True, text_dim=8)
     assert main(["--run", str(run), "--out", str(tmp_path / "b"), "--name", "t"]) == 0
     bundle = load_bundle(tmp_path / "b" / "t" / "1")
     model, _ = load_model(run / "best.pt")
-    with torch.no_grad():
-        text = model.text_proj(model.item_text).numpy()
-        np.testing.assert_allclose(bundle.scorer.vectors, model.id_vectors().numpy(), atol=1e-6)
-    cold = ~bundle.trained
+    cold = ~model.item_trained.numpy()
     assert cold.any()
-    np.testing.assert_allclose(bundle.scorer.vectors[cold], text[cold], atol=1e-6)
-    assert (np.abs(bundle.scorer.vectors[cold]).sum(1) > 0).all()
+    with torch.no_grad():
+        h = torch.randn(3, TINY_CONFIG["d_model"], generator=torch.Generator().manual_seed(0))
+        codes = torch.from_numpy(bundle.table.codes)
+        logits = model.item_logits(h, codes).numpy()
+        model.item_text.zero_()
+        without_text = model.item_logits(h, codes).numpy()
+        model.item_text.copy_(load_model(run / "best.pt")[0].item_text)
+    scores = bundle.scorer.all_scores(h.numpy())
+    np.testing.assert_allclose(scores, logits, atol=1e-4, rtol=1e-4)
+    assert np.abs(scores[:, cold] - without_text[:, cold]).max() > 1e-3  # cold items keep their text
     v = bundle.manifest["verification"]["fp32"]
     assert v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
     # a history of cold items only: the graph and PyTorch agree, and the text changes the answer
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     inputs = histories_to_inputs([np.flatnonzero(cold)[:4]], bundle.table.codes, max_history=6)
-    got = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+    (got,) = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+    want = _torch_history(model, inputs)
     with torch.no_grad():
-        want = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
         model.item_text.zero_()
-        blank = [t.numpy() for t in model.next_item_scores(*(torch.from_numpy(a) for a in inputs))]
-    assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) <= 1e-4
-    assert np.abs(want[1] - blank[1]).max() > 1e-3
+    blank = _torch_history(model, inputs)
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(want - blank).max() > 1e-3
 
 
 def test_manifest_describes_the_graph(tiny_bundle):
@@ -97,7 +109,7 @@ def test_manifest_describes_the_graph(tiny_bundle):
         == ["codes", "items", "item_mask"]
     )
     assert [o.name for o in proto.graph.output] == [o["name"] for o in manifest["outputs"]]
-    assert [o.name for o in proto.graph.output] == ["code_scores", "query"]
+    assert [o.name for o in proto.graph.output] == ["history"]
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
     assert dims == [["batch", "items", 3], ["batch", "items"], ["batch", "items"]]
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
@@ -147,7 +159,10 @@ def test_int8_export_runs_and_records_its_own_offline_metrics(tiny_run, tmp_path
     assert 0.0 <= offline["ndcg@10"] <= offline["recall@10"] <= 1.0
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     inputs = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
-    assert session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))[0].shape == (2, 3, 16)
+    assert session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))[0].shape == (
+        2,
+        TINY_CONFIG["d_model"],
+    )
 
 
 def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
@@ -156,7 +171,7 @@ def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
     rc = main(["--run", str(tiny_run), "--out", str(out), "--quantize", "int8", "--max-abs-diff", "1e-5"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "error: int8: parity: max |scores onnx - torch|" in err and "> 1e-05" in err
+    assert "error: int8: parity: max |history onnx - torch|" in err and "> 1e-05" in err
     assert not out.exists()
 
 
@@ -229,11 +244,11 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, damag
 def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
     half = convert_fp16(tiny_bundle / "model.onnx", tmp_path / "model.fp16.onnx")
     cfg = TINY_CONFIG
-    assert check_graph(half, cfg["num_levels"], cfg["codebook_size"], cfg["n_layers"], cfg["d_model"]) == []
+    assert check_graph(half, cfg["n_layers"], cfg["d_model"]) == []
     table = load_bundle(tiny_bundle).table
     feeds = dict(zip(INPUT_NAMES, histories_to_inputs([[5, 6, 7], [8]], table.codes, 6), strict=True))
-    fp16_out, _ = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
-    fp32_out, _ = ort.InferenceSession(
+    (fp16_out,) = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
+    (fp32_out,) = ort.InferenceSession(
         str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]
     ).run(None, feeds)
     assert fp16_out.dtype == np.float32 and fp16_out.shape == fp32_out.shape

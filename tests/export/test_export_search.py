@@ -8,7 +8,6 @@ import numpy as np
 from export.bundle import load_bundle
 from export.cli import main
 from model.search.modes.beam import BeamMode
-from model.search.scoring import search
 from service.engine import load_engine
 
 
@@ -30,19 +29,17 @@ def test_a_beam_export_records_its_candidates_and_is_served_with_them(tiny_run, 
     bundle = load_bundle(out / "b")
     assert bundle.manifest["search"] == {"mode": "beam", "candidates": 12}
     assert bundle.search == BeamMode(candidates=12) and bundle.search_mode == "beam"
-    assert (
-        "top-10 agreement through the served search (beam)"
-        in bundle.manifest["verification"]["fp32"]["checks"]
-    )
+    checks = bundle.manifest["verification"]["fp32"]["checks"]
+    assert "top-10 agreement through the served search (beam) against pytorch's item score" in checks
 
     engine = load_engine(out / "b", providers=["CPUExecutionProvider"])
     histories = [np.array([1, 2, 3]), np.array([4])]
     scores = engine.forward(histories)
     items, _ = engine.search(scores, beam_size=5, k=10, exclude=histories)  # the manifest's 12 win
-    want = search(bundle.scorer, bundle.trie, scores.code_scores, scores.query, 10, "beam", 12, histories)
+    want = BeamMode(12).search(bundle.scorer, bundle.trie, scores.outputs, 10, histories)
     np.testing.assert_array_equal(items, want.items)
     wider, _ = engine.search(scores, beam_size=40, k=10, exclude=histories)  # a request widens the beam
-    want = search(bundle.scorer, bundle.trie, scores.code_scores, scores.query, 10, "beam", 40, histories)
+    want = BeamMode(40).search(bundle.scorer, bundle.trie, scores.outputs, 10, histories)
     np.testing.assert_array_equal(wider, want.items)
 
 

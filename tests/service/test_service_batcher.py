@@ -71,7 +71,7 @@ def test_a_user_with_unusable_scores_fails_alone(engine):
             scores = super().forward(histories)
             for row, job in enumerate(self.current_jobs):
                 if job.user_id in poisoned:
-                    scores.code_scores[row, 0, 0] = np.nan
+                    scores.outputs[0][row] = np.nan  # the first output (history), whole row
             return scores
 
     faulty = NaNForSomeUsers(engine.bundle, engine.session, engine.provider, engine.max_history)
