@@ -44,9 +44,11 @@ tools:
 stack-test: install
 	$(BIN)/python deploy/offline/stack_test.py $(STACK_TEST_ARGS)
 
+# ruff over everything; mypy over the serving path (service/, export/bundle.py: [tool.mypy] in pyproject.toml)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

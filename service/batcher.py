@@ -231,11 +231,12 @@ class Batcher:
             return
         by_loop: dict[int, list[tuple[Job, JobResult]]] = defaultdict(list)
         for i, job in enumerate(jobs):
+            result = results[i]
             job.inference, job.beam_search = t1 - t0, t2 - t1
-            if isinstance(results[i], Exception):
-                _deliver(job, exc=results[i])
+            if isinstance(result, Exception):
+                _deliver(job, exc=result)
             else:
-                by_loop[id(job.loop)].append((job, results[i]))
+                by_loop[id(job.loop)].append((job, result))
         for done in by_loop.values():
             _deliver_all(done, self._record_delivery_lag)
 

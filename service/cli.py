@@ -74,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        print(
-            f"fair-serve: invalid setting {_flag(field)} / FAIR_{field.upper()}: {err['msg']}",
-            file=sys.stderr,
-        )
+        where = f"FAIR_{field.upper()}" if field in ENV_ONLY else f"{_flag(field)} / FAIR_{field.upper()}"
+        message = err["msg"].removeprefix("Value error, ")
+        print(f"fair-serve: invalid setting {where}: {message}", file=sys.stderr)
         return 2
     if settings.bundle is not None and not settings.bundle.exists():
         print(f"fair-serve: --bundle {settings.bundle}: no such directory", file=sys.stderr)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # after the environment is final
 
-    from service.redis_store import EmbeddedRedis
+    from service.embedded_redis import EmbeddedRedis
     from service.redis_supervisor import RedisSupervisor
 
     # uvicorn re-raises the SIGTERM/SIGINT it shut down on, through the handler that was installed

@@ -21,7 +21,12 @@ RETRY_AFTER_S = 1
 
 
 class ServiceError(Exception):
-    """An expected failure with its HTTP status, stable code and message."""
+    """An expected failure with its HTTP status, stable code and message.
+
+    ``reject_reason`` is the ``reason`` label of ``fair_requests_rejected_total`` this failure counts
+    under (None: not counted); it is counted once, when the error becomes the response, so no raise
+    site bumps the counter by hand.
+    """
 
     def __init__(
         self,
@@ -30,18 +35,29 @@ class ServiceError(Exception):
         message: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        reject_reason: str | None = None,
     ):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
         self.headers = headers or {}
+        self.reject_reason = reject_reason
 
     def to_response(self) -> JSONResponse:
+        if self.reject_reason is not None:
+            metrics.REQUESTS_REJECTED.labels(reason=self.reject_reason).inc()
         return error_response(self.status, self.code, self.message, self.field, self.headers)
 
 
-def unavailable(code: str, message: str) -> ServiceError:
+def unavailable(code: str, message: str, reject_reason: str | None = None) -> ServiceError:
     """503 with Retry-After: the condition (Redis down, no model yet) is expected to pass."""
-    return ServiceError(503, code, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return ServiceError(
+        503, code, message, headers={"Retry-After": str(RETRY_AFTER_S)}, reject_reason=reject_reason
+    )
+
+
+def overloaded(code: str, message: str) -> ServiceError:
+    """429 with Retry-After: shed now so the client retries elsewhere or later."""
+    return ServiceError(429, code, message, headers={"Retry-After": str(RETRY_AFTER_S)}, reject_reason=code)
 
 
 def envelope(code: str, message: str, field: str | None = None) -> dict:

@@ -16,7 +16,8 @@ import sys
 
 from tqdm import tqdm
 
-from service.redis_store import DEFAULT_PREFIX, REDIS_FAILURES, EmbeddedRedis, sync_client
+from service.embedded_redis import EmbeddedRedis
+from service.redis_store import DEFAULT_PREFIX, REDIS_FAILURES, sync_client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             url = embedded.url
         client = sync_client(url, cluster=args.cluster)
         users = load_histories(client, dataset, args.prefix, args.max_items, args.chunk, args.cluster)
-    except (*REDIS_FAILURES, RuntimeError) as exc:
+    except (*REDIS_FAILURES, RuntimeError) as exc:  # type: ignore[misc]  # mypy: a starred tuple of classes
         print(f"fair-load-histories: redis {args.redis or '(embedded)'}: {exc}", file=sys.stderr)
         return 1
     finally:

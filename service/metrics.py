@@ -83,6 +83,11 @@ MODEL_INFO = Gauge(
     ["name", "version", "provider"],
     multiprocess_mode="livemax",
 )
+MANUAL_PIN = Gauge(
+    "fair_bundle_manual_pin",
+    "The bundle version pinned by POST /admin/reload {version} (polling paused); 0 when none is pinned",
+    multiprocess_mode="livemax",
+)
 
 
 @functools.cache
@@ -116,6 +121,10 @@ def set_model_info(name: str, version: int, provider: str, previous: tuple[str, 
     MODEL_INFO.labels(name=name, version=str(version), provider=provider).set(1)
 
 
+def set_manual_pin(version: int | None) -> None:
+    MANUAL_PIN.set(version or 0)
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -142,9 +151,9 @@ def drop_dead_workers(directory: str) -> list[int]:
     """
     pids = set()
     for name in os.listdir(directory):
-        stem, _, pid = name.removesuffix(".db").rpartition("_")
-        if name.startswith("gauge_live") and name.endswith(".db") and stem and pid.isdigit():
-            pids.add(int(pid))
+        stem, _, pid_text = name.removesuffix(".db").rpartition("_")
+        if name.startswith("gauge_live") and name.endswith(".db") and stem and pid_text.isdigit():
+            pids.add(int(pid_text))
     dead = [pid for pid in sorted(pids) if not _alive(pid)]
     for pid in dead:
         _mp.mark_process_dead(pid, directory)

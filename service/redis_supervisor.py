@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("fair.redis")
 

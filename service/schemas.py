@@ -93,13 +93,21 @@ class ModelResponse(BaseModel):
     path: str = Field(description="the bundle directory")
     loaded_at: str
     manifest: dict = Field(description="the bundle manifest without its file checksums")
+    pinned_version: int | None = Field(
+        None,
+        description="the version pinned by POST /admin/reload {version} (bundle polling paused); null: none",
+    )
 
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int | None = Field(
-        None, ge=1, strict=True, description="pin a version; default the newest present"
+        None,
+        ge=1,
+        strict=True,
+        description="load and pin this version: bundle polling leaves it alone until a reload without a "
+        "version, which loads the newest present and releases the pin",
     )
 
 
@@ -109,6 +117,9 @@ class ReloadResponse(BaseModel):
     previous_version: int | None
     provider: str
     changed: bool
+    pinned_version: int | None = Field(
+        None, description="the manually pinned version after this reload; null: none"
+    )
 
 
 class ErrorBody(BaseModel):

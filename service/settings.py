@@ -102,8 +102,17 @@ class Settings(BaseSettings):
     @field_validator("api_tokens")
     @classmethod
     def _tokens_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
-        if any(len(t.get_secret_value()) < 16 for t in v):
-            raise ValueError("every API token needs at least 16 characters")
+        for t in v:
+            _check_secret(t, "every API token")
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        # An empty FAIR_ADMIN_TOKEN is set, not unset: it must not turn the admin routes on with a
+        # secret that a request without the header matches.
+        if v is not None:
+            _check_secret(v, "FAIR_ADMIN_TOKEN (unset it to turn the admin routes off)")
         return v
 
     @field_validator("history_key_prefix")
@@ -115,3 +124,16 @@ class Settings(BaseSettings):
 
     def history_key(self, user_id: str) -> str:
         return f"{self.history_key_prefix}{user_id}"
+
+
+# One rule for every secret of the service: long enough not to be guessed, no blanks around it (a
+# copy-paste accident that would otherwise make the token unmatchable or, when empty, match nothing sent).
+MIN_SECRET_LENGTH = 16
+
+
+def _check_secret(secret: SecretStr, what: str) -> None:
+    value = secret.get_secret_value()
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(f"{what}: needs at least {MIN_SECRET_LENGTH} characters")
+    if value != value.strip():
+        raise ValueError(f"{what}: has leading or trailing whitespace")

@@ -28,6 +28,7 @@ SERVICE_METRICS = {
     "fair_redis_errors_total": "counter",
     "fair_unknown_items_total": "counter",
     "fair_model_info": "gauge",
+    "fair_bundle_manual_pin": "gauge",
 }
 PROMQL_KEYWORDS = set(
     [

@@ -68,7 +68,8 @@ def test_reload_under_load_fails_nothing(server, tiny_bundle):
     reload, statuses, versions = asyncio.run(scenario())
     assert reload.status_code == 200, reload.text
     assert reload.json() == {
-        "name": "tiny", "version": 2, "previous_version": 1, "provider": "CPUExecutionProvider", "changed": True
+        "name": "tiny", "version": 2, "previous_version": 1, "provider": "CPUExecutionProvider", "changed": True,
+        "pinned_version": None,
     }  # fmt: skip
     assert statuses and set(statuses) == {200}
     assert versions[0] == 1 and versions[-1] == 2  # requests admitted before the swap finish on v1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 
 def test_long_data_dir_still_shares_one_server(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 from service_testlib import ADMIN_TOKEN, LiveServer, make_settings
 
 from service.batcher import Job
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 API_TOKEN = "data-plane-token-0123456789"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from service_testlib import ADMIN_TOKEN, LiveServer, make_settings
+from service_testlib import ADMIN_TOKEN, LiveServer, make_settings, sample, scrape
 
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 
 def test_redis_down_gives_503_then_recovers_without_restart(tiny_bundle):
@@ -106,10 +106,10 @@ def test_no_bundle_means_not_ready_and_503(tiny_bundle, redis_settings):
 
 def test_poll_survives_a_failing_bundle_root(tiny_bundle, redis_settings, tmp_path, monkeypatch):
     """A transient error listing the bundle root (NFS/FUSE mounts hiccup) must not end polling for good."""
-    import service.app
+    import service.state
 
     model_dir = _copy_versions(tiny_bundle, tmp_path, [1])
-    real_list_versions = service.app.list_versions
+    real_list_versions = service.state.list_versions
     failures = []
 
     def flaky_list_versions(path):
@@ -120,7 +120,7 @@ def test_poll_survives_a_failing_bundle_root(tiny_bundle, redis_settings, tmp_pa
 
     settings = make_settings(tiny_bundle, redis_settings, bundle=model_dir, bundle_poll_s=0.05)
     with LiveServer(settings) as live:
-        monkeypatch.setattr(service.app, "list_versions", flaky_list_versions)
+        monkeypatch.setattr(service.state, "list_versions", flaky_list_versions)
         shutil.copytree(tiny_bundle.model_dir / "2", tmp_path / "staging")
         (tmp_path / "staging").rename(model_dir / "2")
         deadline = time.monotonic() + 10
@@ -135,10 +135,10 @@ def test_poll_tries_a_copied_bundle_once_and_keeps_serving(
 ):
     """A version directory whose manifest names another version (`cp -a 1 3`) is refused once and
     never retried: it used to be served as version 1 and reloaded on every poll."""
-    import service.app
+    import service.state
 
     model_dir = _copy_versions(tiny_bundle, tmp_path, [1])
-    real_reload = service.app.reload_model
+    real_reload = service.state.reload_model
     attempts = []
 
     async def counting_reload(state, version=None):
@@ -147,7 +147,7 @@ def test_poll_tries_a_copied_bundle_once_and_keeps_serving(
 
     settings = make_settings(tiny_bundle, redis_settings, bundle=model_dir, bundle_poll_s=0.05)
     with LiveServer(settings) as live:
-        monkeypatch.setattr(service.app, "reload_model", counting_reload)
+        monkeypatch.setattr(service.state, "reload_model", counting_reload)
         shutil.copytree(model_dir / "1", tmp_path / "staging")
         (tmp_path / "staging").rename(model_dir / "3")
         time.sleep(1.0)  # ~20 polls
@@ -158,3 +158,41 @@ def test_poll_tries_a_copied_bundle_once_and_keeps_serving(
             f"{live.url}/recommend", json={"user_id": "x", "history": tiny_bundle.dataset.item_ids[:2]}
         )
         assert r.status_code == 200 and r.json()["model_version"] == 1
+
+
+def test_a_manual_rollback_pins_the_version_until_released(tiny_bundle, redis_settings, tmp_path):
+    """The poller used to undo a rollback: after POST /admin/reload {"version": 1} the next poll saw 2 > 1."""
+    model_dir = _copy_versions(tiny_bundle, tmp_path, [1, 2])
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    settings = make_settings(tiny_bundle, redis_settings, bundle=model_dir, bundle_poll_s=0.05)
+    with LiveServer(settings) as live:
+        assert httpx.get(f"{live.url}/model").json()["version"] == 2
+        r = httpx.post(f"{live.url}/admin/reload", json={"version": 1}, headers=auth)
+        assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["pinned_version"] == 1
+        time.sleep(1.0)  # ~20 polls, each of which would have reloaded version 2
+        assert httpx.get(f"{live.url}/model").json()["version"] == 1
+        assert httpx.get(f"{live.url}/admin/model", headers=auth).json()["pinned_version"] == 1
+        assert sample(scrape(live.url), "fair_bundle_manual_pin") == 1
+        # a reload without a version loads the newest and releases the pin: polling resumes
+        r = httpx.post(f"{live.url}/admin/reload", headers=auth)
+        assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["pinned_version"] is None
+        assert httpx.get(f"{live.url}/admin/model", headers=auth).json()["pinned_version"] is None
+        assert sample(scrape(live.url), "fair_bundle_manual_pin") == 0
+        staging = tmp_path / "staging"
+        shutil.copytree(model_dir / "2", staging)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        # version 3 = version 2's files under a new number; its manifest checksum list is unchanged
+        (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 3}))
+        staging.rename(model_dir / "3")
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{live.url}/model").json()["version"] != 3:
+            assert time.monotonic() < deadline, "polling did not resume after the pin was released"
+            time.sleep(0.05)
+
+
+def test_a_failed_pinned_reload_keeps_the_previous_pin_state(tiny_bundle, redis_settings, tmp_path):
+    model_dir = _copy_versions(tiny_bundle, tmp_path, [1, 2])
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with LiveServer(make_settings(tiny_bundle, redis_settings, bundle=model_dir)) as live:
+        assert httpx.post(f"{live.url}/admin/reload", json={"version": 7}, headers=auth).status_code == 404
+        assert httpx.get(f"{live.url}/admin/model", headers=auth).json()["pinned_version"] is None

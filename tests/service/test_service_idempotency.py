@@ -17,7 +17,8 @@ import httpx
 import pytest
 from service_testlib import LiveServer, make_settings
 
-from service.redis_store import EmbeddedRedis, dedupe_key
+from service.embedded_redis import EmbeddedRedis
+from service.redis_store import dedupe_key
 
 
 @contextmanager

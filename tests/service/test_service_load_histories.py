@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+from service.embedded_redis import EmbeddedRedis
 from service.load_histories import main
-from service.redis_store import EmbeddedRedis, sync_client
+from service.redis_store import sync_client
 
 SPEC = "synthetic:items=80,users=30,seed=3"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from service_testlib import sample, scrape
 
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 
 def _free_port() -> int:

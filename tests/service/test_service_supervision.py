@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from service_testlib import LiveServer, make_settings
 
-from service.redis_store import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis
 
 
 def _wait_for(check, timeout_s: float, what: str):

@@ -1,0 +1,73 @@
+"""Public routes: liveness, readiness, metrics and the public model summary (no secrets, no paths)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from service import errors, metrics
+from service.api.deps import ServingEngine, State, Store
+from service.auth import PublicRoute
+from service.errors import ServiceError
+from service.model_info import public_model_summary
+from service.schemas import HealthResponse, PublicModelResponse, ReadyResponse, error_responses
+
+router = APIRouter(route_class=PublicRoute)
+
+
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    responses=error_responses(500, 503),
+    summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me)",
+)
+async def healthz(state: State) -> HealthResponse:
+    if state.embedded is not None and state.embedded.given_up():
+        # the reason (with file paths) is in the log and in FAIR_DATA_DIR/redis.failed, not here
+        raise ServiceError(
+            503, "redis_failed", "the embedded Redis died and could not be restarted; see the service log"
+        )
+    return HealthResponse()
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "not ready (Retry-After set)"}, 500: {}},
+    summary="Model loaded and warmed up, Redis answering",
+)
+async def readyz(state: State, store: Store) -> JSONResponse:
+    try:
+        async with asyncio.timeout(state.settings.redis_timeout_ms / 1000.0 * 2):
+            redis_ok = await store.ping()
+    except TimeoutError:
+        redis_ok = False
+    checks = {"model": state.engine is not None, "redis": redis_ok}
+    ready = all(checks.values())
+    return JSONResponse(
+        {"ready": ready, "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": str(errors.RETRY_AFTER_S)},
+    )
+
+
+@router.get(
+    "/metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}, 500: {}},
+    summary="Prometheus metrics (all workers in multiprocess mode)",
+)
+async def metrics_endpoint() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get(
+    "/model",
+    response_model=PublicModelResponse,
+    responses=error_responses(500, 503),
+    summary="The bundle being served (no file paths: those are on GET /admin/model)",
+)
+async def model_info(engine: ServingEngine) -> PublicModelResponse:
+    return public_model_summary(engine)

@@ -1,0 +1,31 @@
+"""A Redis call as the API answers it: Redis down -> 503 (its address only in the log), no answer in
+time -> 504. One place, so every route words an outage the same way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from service.errors import ServiceError, unavailable
+from service.redis_store import StoreUnavailable
+
+T = TypeVar("T")
+
+# The public message of every Redis outage: the address and the driver's error go to the log only.
+REDIS_UNAVAILABLE = "the history store (Redis) is unavailable; retry shortly"
+
+
+async def redis_call(call: Awaitable[T], timeout_s: float | None) -> T:
+    """Await ``call``; ``timeout_s`` None when an enclosing deadline (the request's) already bounds it."""
+    try:
+        if timeout_s is None:
+            return await call
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except StoreUnavailable as exc:
+        raise unavailable("redis_unavailable", REDIS_UNAVAILABLE, "redis_unavailable") from exc
+    except TimeoutError as exc:
+        if timeout_s is None:
+            raise  # the enclosing deadline's: it answers
+        raise ServiceError(504, "timeout", "redis did not answer in time", reject_reason="timeout") from exc
