@@ -14,7 +14,9 @@
 #
 # Environment: OUT (default runs/quality), STEPS (default: the config's max_steps), THREADS (torch
 # threads per run, default 2), SHARED (default ../shared/data/amazon), SEED (train.seed; unset = the
-# config's seed, 0; a run with SEED=N is named <dataset>_<row>_sN, so seeds of one row sit side by side).
+# config's seed, 0; a run with SEED=N is named <dataset>_<row>_sN, so seeds of one row sit side by side),
+# EXTRA (space-separated section.key=value overrides added to every row as --set, e.g.
+# EXTRA="train.softmax=sampled train.num_negatives=1024"; give such runs their own OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +58,10 @@ if [ -n "${SEED:-}" ]; then
   suffix=_s$SEED
 fi
 
+overrides=()
+read -r -a extra_items <<< "${EXTRA:-}"
+for item in "${extra_items[@]}"; do overrides+=(--set "$item"); done
+
 for row in $ROWS; do
   case $row in
     fair) extra=() ;;
@@ -65,10 +71,11 @@ for row in $ROWS; do
   esac
   name="${DATASET}_${row}${suffix}"
   rm -rf "${OUT:?}/$name"
-  log "train $name (threads $THREADS ${STEPS:+steps $STEPS}${SEED:+ seed $SEED})"
+  log "train $name (threads $THREADS ${STEPS:+steps $STEPS}${SEED:+ seed $SEED}${EXTRA:+ set $EXTRA})"
   t0=$SECONDS
   .venv/bin/python -m model.train.cli --data "$SHARED/$DATA" --sid "$SID" --out "$OUT/$name" \
     --config "$CONFIG" --threads "$THREADS" --no-final-eval --quiet "${steps[@]}" "${seed[@]}" "${extra[@]}" \
+    "${overrides[@]}" \
     > "$OUT/$name.out" 2>&1 || { tail -n 20 "$OUT/$name.out" >&2; exit 1; }
   log "trained $name in $((SECONDS - t0)) s"
   t0=$SECONDS

@@ -23,7 +23,10 @@ from model.search.modes.registry import mode_names
 from model.train.item_init import ITEM_ID_INITS
 
 PERTURB_OPS = ("drop", "mask", "substitute")
-ITEM_LOSSES = ("full", "sampled")
+SOFTMAX_FORMS = ("auto", "full", "sampled")
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
+# keys that older runs saved under another name: a resumed run's config.json / checkpoint still loads
+RENAMED_TRAIN_KEYS = {"item_loss": "softmax"}
 
 
 class ConfigError(ValueError):
@@ -52,8 +55,13 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate, keep and export an exponential moving average of the weights
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay float32)
     # objectives
-    item_loss: str = "full"  # L_next: "full" softmax over the catalog | "sampled" (in-batch + sampled, logQ)
-    num_negatives: int = 2048  # sampled negatives per batch (item_loss = "sampled")
+    # L_next: "full" softmax over the catalog | "sampled" (positive + shared sampled negatives, log-Q
+    # corrected) | "auto": sampled when the catalog has at least sampled_softmax_min_items items
+    softmax: str = "auto"
+    sampled_softmax_min_items: int = 200_000
+    num_negatives: int = 2048  # negatives drawn per batch, shared by its rows (also L_robust's candidates)
+    negative_sampler: str = "popularity"  # proposal Q: "uniform" | "popularity" ((count + 1) ** alpha)
+    negative_sampler_alpha: float = 0.75  # the popularity proposal's exponent
     code_loss_weight: float = 0.0  # gamma: weight of the auxiliary per-level code cross-entropy
     robust: bool = True  # L_robust on/off
     alpha: float = 0.1  # weight of L_robust
@@ -71,9 +79,38 @@ class TrainConfig:
     patience: int = 6  # validations without NDCG@10 improvement before stopping
     log_every: int = 20
 
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
+        """A ``train_config`` a checkpoint stored, its renamed keys (``RENAMED_TRAIN_KEYS``) read under
+        their new names."""
+        return cls(**{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in d.items()})
+
+    def softmax_for(self, num_items: int) -> str:
+        """The L_next form a catalog of ``num_items`` items trains with: "full" or "sampled".
+
+        "auto" picks the full softmax below ``sampled_softmax_min_items`` (exact, and affordable: one
+        [boundaries, items] product per step) and the sampled one from there (the full product, its
+        softmax and its gradient grow with the catalog; at 1M items they are GBs per step)."""
+        if self.softmax != "auto":
+            return self.softmax
+        return "sampled" if num_items >= self.sampled_softmax_min_items else "full"
+
     def __post_init__(self) -> None:
-        if self.item_loss not in ITEM_LOSSES:
-            raise ConfigError(f"train.item_loss must be one of {list(ITEM_LOSSES)}, got {self.item_loss!r}")
+        if self.softmax not in SOFTMAX_FORMS:
+            raise ConfigError(f"train.softmax must be one of {list(SOFTMAX_FORMS)}, got {self.softmax!r}")
+        if self.negative_sampler not in NEGATIVE_SAMPLERS:
+            raise ConfigError(
+                f"train.negative_sampler must be one of {list(NEGATIVE_SAMPLERS)}, got {self.negative_sampler!r}"
+            )
+        if not (math.isfinite(self.negative_sampler_alpha) and 0.0 <= self.negative_sampler_alpha <= 1.0):
+            raise ConfigError(
+                f"train.negative_sampler_alpha must be in [0, 1] (0 = uniform over trained items), "
+                f"got {self.negative_sampler_alpha}"
+            )
+        if self.sampled_softmax_min_items < 1:
+            raise ConfigError(
+                f"train.sampled_softmax_min_items must be >= 1, got {self.sampled_softmax_min_items}"
+            )
         if self.item_id_init not in ITEM_ID_INITS:
             raise ConfigError(
                 f"train.item_id_init must be one of {list(ITEM_ID_INITS)}, got {self.item_id_init!r}"
@@ -153,6 +190,8 @@ def _merge(raw: dict[str, dict[str, Any]], data: dict[str, Any], where: str) -> 
         types_ = typing.get_type_hints(SECTIONS[section])
         types_ = {f.name: types_[f.name] for f in fields(SECTIONS[section])}
         for key, value in values.items():
+            if key not in types_ and section == "train" and key in RENAMED_TRAIN_KEYS:
+                raise ConfigError(f"{where}: train.{key} is now train.{RENAMED_TRAIN_KEYS[key]}")
             if key not in types_:
                 raise ConfigError(
                     f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})"
@@ -197,6 +236,8 @@ def _merge_file(raw: dict[str, dict[str, Any]], path: Path, chain: tuple[Path, .
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of sections, got {type(data).__name__}")
+    if path.suffix == ".json" and isinstance(data.get("train"), dict):  # a run's own saved config
+        data["train"] = {RENAMED_TRAIN_KEYS.get(k, k): v for k, v in data["train"].items()}
     parent = data.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str) or not parent:

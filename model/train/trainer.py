@@ -37,6 +37,7 @@ from model.train.item_init import text_init
 from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
 from model.train.perturb import perturb_history
 from model.train.plots import plot_curves
+from model.train.sampled_softmax import NegativeSampler, sampled_item_logits, sampled_item_loss
 
 METRIC = "ndcg@10"
 
@@ -192,16 +193,18 @@ class Trainer:
         )
 
     def _build_negative_sampler(self) -> None:
-        """Items without a training interaction are not in the training catalog: never a negative of
-        the softmax (else their codes' scores are pushed down for being absent, and an item that
-        arrives after training could never be recommended), and never sampled. The sampled softmax
-        draws negatives from the training popularity (smoothed), corrected by log Q."""
-        trained = self.trained
+        """Items without a training interaction are not in the training catalog: never a class of the
+        full softmax and never drawn as a negative (else their codes' scores are pushed down for being
+        absent, and an item that arrives after training could never be recommended). The proposal
+        (``train.negative_sampler``) feeds the sampled softmax and L_robust's candidate set."""
+        t, trained = self.cfg.train, self.trained
+        self.softmax = t.softmax_for(self.table.num_items)
         self.untrained_t = torch.from_numpy(~trained).to(self.device) if not trained.all() else None
         seen = np.concatenate(self.windows.seq)
-        counts = np.bincount(seen, minlength=self.table.num_items).astype(np.float64)
-        q = np.where(trained, (counts + 1.0) ** 0.75, 0.0)
-        self.sample_q = torch.from_numpy(q / q.sum()).float().to(self.device)
+        counts = np.bincount(seen, minlength=self.table.num_items)
+        self.sampler = NegativeSampler(
+            counts, trained, t.negative_sampler, t.negative_sampler_alpha, self.device
+        )
 
     def _wrap_ddp(self) -> DistributedDataParallel | None:
         if not self.dist.enabled:
@@ -258,7 +261,7 @@ class Trainer:
             raise ValueError(f"{self.out}: --resume with other data than the run used")
         # keys added after the checkpoint was written count with their defaults (its run had none)
         saved_model = asdict(FAIRConfig(**ckpt["model_config"]))
-        saved_train = asdict(TrainConfig(**ckpt["train_config"]))
+        saved_train = asdict(TrainConfig.from_saved(ckpt["train_config"]))
         if saved_model != self.cfg.to_dict()["model"] or saved_train != self.cfg.to_dict()["train"]:
             raise ValueError(f"{self.out}: --resume with another config than the run's config.json")
         if self.ema is not None:
@@ -343,26 +346,38 @@ class Trainer:
     def _sampled_items(
         self, targets: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's distinct targets plus ``num_negatives`` popularity-drawn items:
-        (candidate items [C], column of each target)."""
-        sampled = torch.multinomial(self.sample_q, self.cfg.train.num_negatives, True, generator=gen)
+        """L_robust's candidates under the full softmax: the batch's distinct targets plus
+        ``num_negatives`` items drawn from the proposal: (candidate items [C], column of each target)."""
+        sampled = self.sampler.draw(self.cfg.train.num_negatives, gen)
         cand, inverse = torch.unique(torch.cat([targets, sampled]), return_inverse=True)
         return cand, inverse[: targets.numel()]
 
-    def _scored_items(self, batch, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(candidate items or None for the whole catalog, label of each valid boundary)."""
-        targets = batch.target_items[batch.valid]  # [P]
-        if self.cfg.train.item_loss == "full":
-            return None, targets
-        return self._sampled_items(targets, gen)
+    def _full_logits(self, history: torch.Tensor) -> torch.Tensor:
+        """Scores of the whole catalog, untrained items masked out of the softmax."""
+        logits = self.model.item_logits(history, self.item_codes_t)
+        return logits if self.untrained_t is None else logits.masked_fill(self.untrained_t, float("-inf"))
 
-    def _item_logits(self, history: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
-        """Scores of the candidates (the catalog when ``cand`` is None), -log Q corrected if sampled."""
-        if cand is None:
-            logits = self.model.item_logits(history, self.item_codes_t)
-            return logits if self.untrained_t is None else logits.masked_fill(self.untrained_t, float("-inf"))
-        logits = self.model.item_logits(history, self.item_codes_t[cand], cand)
-        return logits - torch.log(self.sample_q[cand])
+    def _candidate_logits(self, history: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Scores of the candidates ``cand`` corrected by ``-log Q``: L_robust's distributions."""
+        return self.model.item_logits(history, self.item_codes_t[cand], cand) - torch.log(
+            self.sampler.q[cand]
+        )
+
+    def _next_loss(self, history: torch.Tensor, targets: torch.Tensor, gen: torch.Generator):
+        """L_next and, for L_robust, (candidates [C], clean logits over them [P, C] or None).
+
+        Full: the catalog's softmax (robust draws its own candidates later). Sampled: the positive
+        and ``num_negatives`` shared draws (``model.train.sampled_softmax``); L_robust reuses the
+        distinct items scored, so no item is scored twice."""
+        if self.softmax == "full":
+            return item_loss(self._full_logits(history), targets), None, None
+        k = self.cfg.train.num_negatives
+        negatives = self.sampler.draw(k, gen)
+        s = sampled_item_logits(
+            self.model, history, self.item_codes_t, targets, negatives,
+            self.sampler.log_expected_count(negatives, k),
+        )  # fmt: skip
+        return sampled_item_loss(s.logits), s.cand, s.cand_logits - torch.log(self.sampler.q[s.cand])
 
     def losses(self, batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """All loss terms of one batch; ``total`` is what gets back-propagated."""
@@ -380,10 +395,10 @@ class Trainer:
             clean = net(
                 batch.codes, batch.item_mask, return_attn=want_attn, user_buckets=users, items=batch.items
             )
-            cand, labels = self._scored_items(batch, gen)
             history = clean.history[valid]  # [P,D]
-            logits = self._item_logits(history, cand)  # [P,C]
-            out = {"next": item_loss(logits, labels)}
+            targets = batch.target_items[valid]  # [P]
+            next_loss, cand, cand_logits = self._next_loss(history, targets, gen)
+            out = {"next": next_loss}
             total = out["next"]
             if t.code_loss_weight > 0:
                 out["code"] = next_item_loss(clean.logits, batch.target_codes, valid)
@@ -399,11 +414,11 @@ class Trainer:
                 # (the batch's targets + sampled items, as the sampled softmax): over the whole catalog
                 # it cost more than the rest of the step (docs/benchmarks.md, training speed)
                 if cand is None:
-                    robust_cand, _ = self._sampled_items(batch.target_items[valid], gen)
-                    clean_kept = self._item_logits(history[kept[valid]], robust_cand)
+                    cand, _ = self._sampled_items(targets, gen)
+                    clean_kept = self._candidate_logits(history[kept[valid]], cand)
                 else:
-                    robust_cand, clean_kept = cand, logits[kept[valid]]
-                pert_logits = self._item_logits(pert.history[kept], robust_cand)
+                    clean_kept = cand_logits[kept[valid]]
+                pert_logits = self._candidate_logits(pert.history[kept], cand)
                 pred, attn = robust_loss(
                     clean_kept, pert_logits, clean, pert, kept, t.robust_attn_weight,
                     self.cfg.model.tokens_per_item,
@@ -412,9 +427,7 @@ class Trainer:
                 out["robust_attn"] = attn
                 total = total + t.alpha * out["robust"]
             if t.mi and t.beta > 0:
-                out["mi"] = mutual_info_loss(
-                    self.model, history, batch.target_items[valid], self.item_codes_t
-                )
+                out["mi"] = mutual_info_loss(self.model, history, targets, self.item_codes_t)
                 total = total + t.beta * out["mi"]
         out["loss"] = total
         return out
@@ -515,7 +528,7 @@ class Trainer:
                 self.batch_in_epoch = 0
         bar.close()
         summary = {"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": stop_reason,
-                   "best_" + METRIC: self.best_metric, "minutes": round((time.monotonic() - start) / 60, 2)}  # fmt: skip
+                   "best_" + METRIC: self.best_metric, "softmax": self.softmax, "minutes": round((time.monotonic() - start) / 60, 2)}  # fmt: skip
         self._log(summary)
         if self.dist.is_main:
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")

@@ -37,7 +37,7 @@ def _million_item_data(users: int = 600, seed: int = 0) -> tuple[SequenceDataset
 def test_sampled_softmax_trains_on_a_million_item_catalog(tmp_path):
     data, table = _million_item_data()
     sets = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "train.batch_size=64",
-            "train.item_loss=sampled", "train.num_negatives=512", "train.warmup_steps=5",
+            "train.softmax=sampled", "train.num_negatives=512", "train.warmup_steps=5",
             "train.max_steps=60", "train.eval_every=60", "train.eval_users=64", "train.lr=1e-2", "train.log_every=5", "train.robust=false"]  # fmt: skip
     trainer = Trainer(load_config(None, sets), data, table, tmp_path / "run", progress=False)
     # a full softmax would need [boundaries, 1M] logits per step (GBs); the sampled one scores ~1,000
