@@ -432,6 +432,19 @@ class Trainer:
         out["loss"] = total
         return out
 
+    def train_step(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimisation step on ``batch`` (losses, backward, clipping, AdamW, weight average):
+        ``(loss terms, gradient norm)``. The schedule and counters are ``fit``'s; a benchmark times
+        this exact step (bench/bench_train_scale.py)."""
+        terms = self.losses(batch, self._seed_step())
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return terms, gnorm
+
     # ---- validation ------------------------------------------------------------------------------
     def evaluate(self, histories, targets, users=None, progress: bool = False) -> dict[str, float]:
         items, _ = rank_items(
@@ -473,13 +486,7 @@ class Trainer:
             while self.batch_in_epoch < len(mine):
                 step_start = time.monotonic()
                 batch = collate(self.windows, mine[self.batch_in_epoch], self.item_codes).to(self.device)
-                terms = self.losses(batch, self._seed_step())
-                self.optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update_parameters(self.model)
+                terms, gnorm = self.train_step(batch)
                 self.train_seconds += time.monotonic() - step_start
                 self.scheduler.step()
                 self.step += 1
