@@ -31,7 +31,12 @@ class BeamMode(SearchMode):
     name: ClassVar[str] = "beam"
     help: ClassVar[str] = "the semantic-ID beam proposes candidates, rescored by the full item score"
     params: ClassVar[tuple[Param, ...]] = (
-        Param("candidates", DEFAULT_CANDIDATES, 1, "beam width = candidates rescored with the beam search"),
+        Param(
+            "candidates",
+            DEFAULT_CANDIDATES,
+            1,
+            "candidates rescored by the full item score (beam: its width)",
+        ),
     )
 
     candidates: int = DEFAULT_CANDIDATES

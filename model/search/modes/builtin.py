@@ -5,11 +5,12 @@ anything in the package runs.
 catalogs it can score whole).
 """
 
+from model.search.modes.ann import AnnMode
 from model.search.modes.beam import BeamMode
 from model.search.modes.exact import ExactMode
 from model.search.modes.registry import SEARCH_MODES, register
 
-BUILTIN = (ExactMode, BeamMode)
+BUILTIN = (ExactMode, BeamMode, AnnMode)
 
 for _mode in BUILTIN:
     if _mode.name not in SEARCH_MODES:  # a reload of this module must not register twice

@@ -82,27 +82,34 @@ def _read(tmp_path: Path, search: object) -> dict:
 
 
 def test_the_built_in_modes_are_every_list_of_modes():
-    assert mode_names() == ("exact", "beam")
-    assert _choices(eval_parser()) == ["exact", "beam"]
-    assert _choices(noise_parser()) == ["exact", "beam"]
-    assert _choices(export_parser()) == ["auto", "exact", "beam"]
+    assert mode_names() == ("exact", "beam", "ann")
+    assert _choices(eval_parser()) == ["exact", "beam", "ann"]
+    assert _choices(noise_parser()) == ["exact", "beam", "ann"]
+    assert _choices(export_parser()) == ["auto", "exact", "beam", "ann"]
 
 
 def test_a_registered_mode_is_a_cli_choice_a_config_value_and_a_manifest_mode(toy_mode, tmp_path):
-    assert mode_names() == ("exact", "beam", "head")
+    assert mode_names() == ("exact", "beam", "ann", "head")
     for parser in (eval_parser(), noise_parser(), export_parser()):
         assert "head" in _choices(parser)
     args = export_parser().parse_args(["--run", "r", "--out", "o", "--search", "head", "--head-items", "7"])
-    assert (args.search, search_settings(args)) == ("head", {"candidates": 200, "head_items": 7})
+    assert (args.search, search_settings(args)) == (
+        "head",
+        {"candidates": 200, "nprobe": 64, "head_items": 7},
+    )
     args = eval_parser().parse_args(["--run", "r", "--data", "d", "--search", "head", "--beam", "30"])
-    assert search_settings(args) == {"candidates": 30, "head_items": 5}  # fair-eval keeps --beam
+    assert search_settings(args) == {
+        "candidates": 30,
+        "nprobe": 64,
+        "head_items": 5,
+    }  # fair-eval keeps --beam
     with pytest.raises(SystemExit):  # the toy parameter's minimum is the flag's
         export_parser().parse_args(["--run", "r", "--out", "o", "--head-items", "1"])
 
     assert TrainConfig(eval_search="head").eval_search == "head"
 
     entry = manifest_entry(HeadMode(head_items=4), {"candidates": 50})
-    assert entry == {"mode": "head", "candidates": 50, "head_items": 4}
+    assert entry == {"mode": "head", "candidates": 50, "nprobe": 64, "head_items": 4}
     assert mode_from_manifest(_read(tmp_path, entry)["search"]) == HeadMode(head_items=4)
     with pytest.raises(BundleError, match="field 'search'.*head_items"):
         _read(tmp_path, {"mode": "head", "candidates": 50})  # a mode's own parameter is required
@@ -124,7 +131,7 @@ def test_an_unregistered_mode_is_refused_everywhere(tmp_path):
         eval_parser().parse_args(["--run", "r", "--data", "d", "--search", "head"])
     with pytest.raises(SystemExit):
         export_parser().parse_args(["--run", "r", "--out", "o", "--search", "head"])
-    with pytest.raises(ConfigError, match=r"train.eval_search must be one of \['exact', 'beam'\]"):
+    with pytest.raises(ConfigError, match=r"train.eval_search must be one of \['exact', 'beam', 'ann'\]"):
         TrainConfig(eval_search="head")
     with pytest.raises(BundleError, match="field 'search'.*one of"):
         _read(tmp_path, {"mode": "head", "head_items": 5})
@@ -135,8 +142,9 @@ def test_an_unregistered_mode_is_refused_everywhere(tmp_path):
 def test_the_manifest_format_is_unchanged_for_the_built_in_modes(tmp_path):
     exact = mode_from_manifest(_read(tmp_path, {"mode": "exact", "candidates": 200})["search"])
     beam = mode_from_manifest(_read(tmp_path, {"mode": "beam", "candidates": 37})["search"])
-    assert manifest_entry(exact, {"candidates": 200}) == {"mode": "exact", "candidates": 200}
-    assert manifest_entry(beam) == {"mode": "beam", "candidates": 37}
+    # written with every registered parameter (ann's nprobe too); read without the ones it lacks
+    assert manifest_entry(exact, {"candidates": 200}) == {"mode": "exact", "candidates": 200, "nprobe": 64}
+    assert manifest_entry(beam) == {"mode": "beam", "candidates": 37, "nprobe": 64}
     assert (exact.describe(), beam.describe()) == ("exact", "beam 37")
     for bad in ({"mode": "beam"}, {"mode": "beam", "candidates": True}, {"mode": "exact", "candidates": 0}):
         with pytest.raises(BundleError, match="field 'search'"):
@@ -157,7 +165,7 @@ def test_a_mode_must_declare_its_fields_as_params_and_take_a_free_name():
         register(Undeclared)
     with pytest.raises(SearchConfigError, match="already registered"):
         register(get_mode("exact"))
-    assert mode_names() == ("exact", "beam")
+    assert mode_names() == ("exact", "beam", "ann")
 
 
 def _imports(path: Path) -> set[str]:
