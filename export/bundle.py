@@ -13,10 +13,14 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
                                      history, what the beam ranks prefixes by
         trie.npz                     CodeTrie arrays for the constrained beam search
         popular.npy                  int64 item indices, most popular first (fallback for empty histories)
+        ann_index.faiss              only with search mode ann: the faiss IVF-Flat inner-product index
+                                     over [item_table, item_bias] (model.search.modes.ann), read with
+                                     faiss.read_index after its checksum; its parameters are the
+                                     manifest's search.index
 
 Schema 2 bundles (model.onnx -> code_scores + query, item_scores.npz with the unfolded catalog side)
-are still read and served (``ItemScorer``). numpy + json + hashlib only: the service reads bundles
-and must never import torch. A bundle is built
+are still read and served (``ItemScorer``). numpy + json + hashlib (+ faiss, for an ann index) only:
+the service reads bundles and must never import torch. A bundle is built
 in a hidden temporary directory next to its final place and renamed in one step, so a reader never
 sees a half-written version and a failed export leaves nothing behind.
 """
@@ -32,11 +36,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from model.search.folded import CodeHeads, FoldedScorer
 from model.search.item_scores import ItemScorer, Scorer
+from model.search.modes.ann import attach_index
 from model.search.modes.base import SearchConfigError, SearchMode
 from model.search.modes.registry import manifest_schema, mode_from_manifest
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
@@ -56,6 +62,8 @@ CODE_HEADS_FILE = "code_heads.npz"
 ITEM_SCORES_FILE = "item_scores.npz"  # schema 2
 TRIE_FILE = "trie.npz"
 POPULAR_FILE = "popular.npy"
+ANN_INDEX_FILE = "ann_index.faiss"  # schema 3, search mode ann only
+ANN_MODE = "ann"
 _SCHEMA_FILES = {
     2: (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE),
     3: (
@@ -74,6 +82,15 @@ BUNDLE_FILES = _SCHEMA_FILES[SCHEMA_VERSION]  # what fair-export writes
 def bundle_files(schema: int) -> tuple[str, ...]:
     """The files a bundle of layout ``schema`` must hold besides its manifest."""
     return _SCHEMA_FILES[schema]
+
+
+def required_files(manifest: Mapping) -> tuple[str, ...]:
+    """The files this manifest's bundle must hold: its layout's, plus the index of an ``ann`` search."""
+    files = bundle_files(manifest.get("schema_version", SCHEMA_VERSION))
+    search = manifest.get("search")
+    if isinstance(search, Mapping) and search.get("mode") == ANN_MODE:
+        files = (*files, ANN_INDEX_FILE)
+    return files
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -233,7 +250,7 @@ def verify_checksums(bundle_dir: str | os.PathLike) -> list[str]:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     files: dict[str, str] = manifest["files"]
-    needed = bundle_files(manifest["schema_version"])
+    needed = required_files(manifest)
     problems = [f"{name}: not listed in {MANIFEST_FILE}" for name in needed if name not in files]
     for name, expected in sorted(files.items()):
         path = bundle_dir / name
@@ -306,7 +323,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         problems = verify_checksums(bundle_dir)
         if problems:
             raise BundleError(f"{bundle_dir}: checksum check failed: " + "; ".join(problems))
-    for name in bundle_files(manifest["schema_version"]):
+    for name in required_files(manifest):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"{bundle_dir / name}: missing")
     try:
@@ -335,6 +352,10 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         scorer: Scorer = load_item_scores(bundle_dir / ITEM_SCORES_FILE, table)
     else:
         scorer = load_folded(bundle_dir, table)
+    if ANN_INDEX_FILE in required_files(manifest):
+        if not isinstance(scorer, FoldedScorer):
+            raise BundleError(f"{bundle_dir}: search mode ann needs a schema 3 bundle (the folded table)")
+        load_ann_index(bundle_dir / ANN_INDEX_FILE, scorer)
     return LoadedBundle(
         dir=bundle_dir,
         manifest=manifest,
@@ -427,6 +448,32 @@ def load_folded(bundle_dir: str | os.PathLike, table: SemanticIdTable) -> Folded
         raise BundleError(f"{bundle_dir / CODE_HEADS_FILE}: bias must hold finite float32 values")
     codes = np.asarray(table.codes, dtype=np.int64)
     return FoldedScorer(codes, item_table, item_bias, CodeHeads(weight, head_bias))
+
+
+def save_ann_index(index: Any, path: str | os.PathLike) -> Path:
+    """Write the ``ann`` search's faiss index (``faiss.write_index``)."""
+    import faiss
+
+    path = Path(path)
+    faiss.write_index(index, str(path))
+    return path
+
+
+def load_ann_index(path: Path, scorer: FoldedScorer) -> Any:
+    """Read ``ann_index.faiss`` (``faiss.read_index``; ``load_bundle`` has checked its sha256 first) and
+    attach it to ``scorer``; unreadable, or not an inner-product IVF index over this folded table, is a
+    ``BundleError``."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path))
+    except Exception as exc:  # faiss raises RuntimeError with its C++ message
+        raise BundleError(f"{path}: not a readable faiss index ({str(exc).splitlines()[0][:200]})") from exc
+    try:
+        attach_index(scorer, index)
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+    return index
 
 
 def save_trie(trie: CodeTrie, path: str | os.PathLike) -> Path:
@@ -522,7 +569,7 @@ class BundleStaging:
         schema = manifest.get("schema_version", SCHEMA_VERSION)  # an older layout only when asked for
         if schema not in READABLE_SCHEMAS:
             raise BundleError(f"cannot write schema_version {schema!r}, only {list(READABLE_SCHEMAS)}")
-        missing = [n for n in bundle_files(schema) if n not in staged]
+        missing = [n for n in required_files({**manifest, "schema_version": schema}) if n not in staged]
         if missing:
             raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
         files = {name: sha256_file(self.path / name) for name in staged}

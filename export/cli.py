@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from export.bundle import BundleError, read_manifest, resolve_bundle, verify_checksums
+from export.search_choice import MEASURE_ABOVE_ITEMS, MIN_RECALL10
 from model.search.modes.flags import add_search_arguments, search_settings
-from model.search.modes.registry import AUTO, mode_from_manifest
+from model.search.modes.registry import AUTO, SEARCH_MODES, mode_from_manifest
 
 EPILOG = """examples:
   fair-export --run runs/beauty --out bundles --name beauty            # next version, fp32, verified
@@ -85,6 +86,13 @@ def export_parser() -> argparse.ArgumentParser:
         "--users", type=_positive_int, default=256, help="histories compared in verification (default 256)"
     )
     add_search_arguments(p, default=AUTO, auto=True, intro="how the service ranks with this bundle")
+    search = next(a for a in p._actions if a.dest == "search")
+    search.help = (  # fair-export's auto is measured (export.search_choice), not the registry's size rule
+        f"how the service ranks with this bundle ({'; '.join(f'{m.name}: {m.help}' for m in SEARCH_MODES.values())}; "
+        f"auto: exact up to {MEASURE_ABOVE_ITEMS:,} items, else the fastest of exact / ann / beam timed "
+        f"at export whose recall@10 of exact is >= {MIN_RECALL10}; default {AUTO}); ann builds a faiss "
+        "index into the bundle"
+    )
     p.add_argument(
         "--max-abs-diff",
         type=float,

@@ -22,6 +22,7 @@ import torch
 
 from export import __version__
 from export.bundle import (
+    ANN_INDEX_FILE,
     MODEL_FILE,
     POPULAR_FILE,
     SEMANTIC_IDS_FILE,
@@ -30,6 +31,7 @@ from export.bundle import (
     BundleStaging,
     list_versions,
     load_popular,
+    save_ann_index,
     save_folded,
     save_trie,
     sha256_file,
@@ -45,6 +47,7 @@ from export.onnx_export import (
     io_spec,
 )
 from export.quantize import convert_fp16, quantize_int8
+from export.search_choice import MEASURE_ABOVE_ITEMS, SearchChoice, choose
 from export.verify import (
     DEFAULT_USERS,
     TOP_K,
@@ -56,6 +59,7 @@ from export.verify import (
     onnx_fn,
     ort_session,
     sample_histories,
+    scores_for,
     synthetic_histories,
     torch_fn,
     verify_model,
@@ -64,6 +68,8 @@ from model.data.dataset import DEFAULT_MAX_HISTORY, SequenceDataset
 from model.data.loading import load_dataset
 from model.evaluate.ranking import item_scorer
 from model.fair import FAIR
+from model.search.folded import FoldedScorer
+from model.search.modes.ann import AnnMode
 from model.search.modes.base import SearchConfigError, SearchMode
 from model.search.modes.registry import AUTO, choose_mode, manifest_entry
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
@@ -77,9 +83,9 @@ RUN_METRICS = "metrics.json"
 def choose_search(
     num_items: int, mode: str = AUTO, settings: Mapping[str, object] | None = None
 ) -> SearchMode:
-    """The served search for a catalog, configured from ``settings`` (``--candidates`` ...): a registered
-    mode, or ``auto`` (the registry's rule: exact up to 100,000 items, else beam). It must be able to
-    return the verification's top 10."""
+    """The search asked for, configured from ``settings`` (``--candidates`` ...) and checked: it must be
+    able to return the verification's top 10. For ``auto`` this checks the registry's pick; what is
+    served is then measured (``export.search_choice``)."""
     try:
         chosen = choose_mode(mode, num_items, settings)
         chosen.check_k(TOP_K)
@@ -278,21 +284,26 @@ def export_bundle(
     mode = choose_search(src.table.num_items, search, search_settings)
     codes = np.asarray(src.table.codes, dtype=np.int64)
     reference = item_scorer(src.model, src.table)  # PyTorch's item score, unfolded: what must be matched
-    how = Search(fold_item_scores(src.model, codes), src.trie, mode, reference)
-    entry = manifest_entry(mode, search_settings)  # the manifest's "search": the mode + every setting
+    folded = fold_item_scores(src.model, codes)
+    histories, origin = _histories(src, users)
     try:
         with (
             BundleStaging(model_dir) as staging,
             tempfile.TemporaryDirectory(prefix=".work-", dir=model_dir) as work,
         ):
             assert staging.path is not None
+            # after the staging (an unwritable output fails first): an ann index / auto's timings take
+            # a minute at 1M items
+            choice = _choose(src, folded, None if search == AUTO else mode, histories, search_settings)
+            how = Search(folded, src.trie, choice.mode, reference)
+            # the manifest's "search": the mode + every setting (+ the ann index's record, auto's timings)
+            entry = manifest_entry(choice.mode, search_settings) | choice.entry
             fp32_path = Path(work) / "model.fp32.onnx"
             _log(f"exporting {src.checkpoint_path} (opset {opset}) ...")
             t0 = time.perf_counter()
             export_onnx(src.model, fp32_path, opset, metadata={"fair.sid_sha256": src.table.sha256()})
             export_seconds = time.perf_counter() - t0
             _log(f"exported in {export_seconds:.1f}s")
-            histories, origin = _histories(src, users)
             verification: dict = {}
             if verify:
                 report = verify_model(
@@ -340,6 +351,8 @@ def export_bundle(
             src.table.save(staging.path / SEMANTIC_IDS_FILE)
             save_folded(how.scorer, staging.path)
             save_trie(src.trie, staging.path / TRIE_FILE)
+            if choice.index is not None:
+                save_ann_index(choice.index, staging.path / ANN_INDEX_FILE)
             np.save(staging.path / POPULAR_FILE, src.popular)
             manifest = _manifest(
                 src, name, opset, precision, metrics, verification, export_seconds, how, entry
@@ -351,6 +364,31 @@ def export_bundle(
         raise ExportFailed(f"{model_dir}: cannot write the bundle ({exc})") from exc
     manifest = json.loads((path / "manifest.json").read_text())
     return ExportResult(path, manifest, time.perf_counter() - start)
+
+
+def _choose(
+    src: ExportSources,
+    folded: FoldedScorer,
+    requested: SearchMode | None,
+    histories: list[np.ndarray],
+    settings: Mapping[str, object] | None,
+) -> SearchChoice:
+    """The served search (``export.search_choice``): an explicit mode as given (ann: its index built and
+    measured), or ``auto`` (None) measured on ``histories`` through the network's ``history``."""
+    needs_h = isinstance(requested, AnnMode) or (requested is None and folded.num_items > MEASURE_ABOVE_ITEMS)
+    h = np.zeros((0, folded.dim), np.float32)
+    if needs_h:
+        h = scores_for(torch_fn(src.model), histories, folded.codes, src.max_history)["history"]
+    choice = choose(requested, folded, src.trie, h, histories, settings)
+    if choice.index is not None:
+        info = choice.entry["index"]
+        _log(
+            f"ann index IVF{info['nlist']}-Flat built in {info['build_seconds']:.1f}s: recall@10 of exact "
+            f"{info['recall10']:.3f} at nprobe {info['nprobe']} on {info['recall_users']} histories"
+        )
+    if "measured" in choice.entry.get("auto", {}):
+        _log(f"--search auto: {choice.entry['auto']['chosen']} ({choice.entry['auto']['why']})")
+    return choice
 
 
 def _check_limits(report, max_abs_diff: float | None, min_topk_agreement: float | None) -> None:

@@ -32,7 +32,9 @@ from model.evaluate.metrics import evaluation_report
 from model.fair import FAIR
 from model.search.inputs import histories_to_inputs
 from model.search.item_scores import ItemScorer, Scorer
+from model.search.modes.ann import AnnMode
 from model.search.modes.base import SearchMode
+from model.search.modes.beam import rescore
 from model.search.modes.exact import ExactMode
 from model.semantic_ids.table import SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
@@ -151,6 +153,11 @@ def top_items(
     scorer = scorer or how.scorer
     mode = how.mode.at_least(k)
     needed = tuple(outputs[name] for name in scorer.output_names)
+    if isinstance(mode, AnnMode) and scorer is not how.scorer:
+        # the index is over the bundle's folded table: the reference's candidates come from it with
+        # the reference's own history, and are ranked by the reference's (unfolded) item score
+        proposed = mode.propose(how.scorer, outputs["history"], k, list(histories))
+        return rescore(scorer, needed, proposed, k).items
     return mode.search(scorer, how.trie, needed, k, list(histories)).items
 
 

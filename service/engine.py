@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import faiss
 import numpy as np
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
@@ -48,8 +49,10 @@ def single_threaded_blas() -> threadpool_limits:
     spins up its threads for it and, on cores already busy with the event loop, ONNX Runtime and Redis,
     waits for them: on the trained Beauty bundle (12k x 128 items) one batch-1 scoring took 8.0 ms with
     the default threads and 0.86 ms with one (2-core box under load). The service is one search thread
-    per worker; it scales with workers and replicas, not BLAS threads.
+    per worker; it scales with workers and replicas, not BLAS threads. The ``ann`` search's faiss index
+    gets one OpenMP thread for the same reason (faiss's own pool, which threadpoolctl does not limit).
     """
+    faiss.omp_set_num_threads(1)
     return threadpool_limits(limits=1, user_api="blas")
 
 
@@ -113,8 +116,9 @@ class Engine:
         """The bundle's search mode for the whole batch: ``(items [B, k], scores [B, k])``, -1 padded.
 
         The mode is widened to at least the request's ``beam_size`` and ``k`` (``SearchMode.at_least``):
-        exact bundles score the whole catalog (no width: ``beam_size`` plays no part); beam bundles
-        rescore ``max(beam_size, k, the manifest's candidates)`` beam candidates.
+        exact bundles score the whole catalog (no width: ``beam_size`` plays no part); beam and ann
+        bundles rescore ``max(beam_size, k, the manifest's candidates)`` candidates (ann: from the
+        bundle's faiss index, ``nprobe`` lists per user).
         """
         b = self.bundle
         mode = b.search.at_least(max(beam_size, k))

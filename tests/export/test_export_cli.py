@@ -58,7 +58,15 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
         np.testing.assert_allclose(bundle.scorer.code_part(got), unfolded[0], atol=1e-3, rtol=1e-4)
     assert bundle.manifest["item_ids"]["trained_items"] == TINY_CONFIG["num_items"] - 18
     assert bundle.manifest["item_table"] == {"dim": TINY_CONFIG["d_model"], "dtype": "float32"}
-    assert bundle.manifest["search"] == {"mode": "exact", "candidates": 200}
+    assert bundle.manifest["search"] == {
+        "mode": "exact",
+        "candidates": 200,
+        "nprobe": 96,
+        "auto": {
+            "chosen": "exact",
+            "why": "a catalog of 120 items (<= 20,000) is served exact, not measured",
+        },
+    }
     assert bundle.schema_version == 3 and bundle.output_names == ("history",)
 
     v = bundle.manifest["verification"]["fp32"]

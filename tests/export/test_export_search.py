@@ -27,7 +27,7 @@ def test_a_beam_export_records_its_candidates_and_is_served_with_them(tiny_run, 
     ]
     assert main(argv) == 0
     bundle = load_bundle(out / "b")
-    assert bundle.manifest["search"] == {"mode": "beam", "candidates": 12}
+    assert bundle.manifest["search"] == {"mode": "beam", "candidates": 12, "nprobe": 96}
     assert bundle.search == BeamMode(candidates=12) and bundle.search_mode == "beam"
     checks = bundle.manifest["verification"]["fp32"]["checks"]
     assert "top-10 agreement through the served search (beam) against pytorch's item score" in checks

@@ -95,12 +95,12 @@ def test_a_registered_mode_is_a_cli_choice_a_config_value_and_a_manifest_mode(to
     args = export_parser().parse_args(["--run", "r", "--out", "o", "--search", "head", "--head-items", "7"])
     assert (args.search, search_settings(args)) == (
         "head",
-        {"candidates": 200, "nprobe": 64, "head_items": 7},
+        {"candidates": 200, "nprobe": 96, "head_items": 7},
     )
     args = eval_parser().parse_args(["--run", "r", "--data", "d", "--search", "head", "--beam", "30"])
     assert search_settings(args) == {
         "candidates": 30,
-        "nprobe": 64,
+        "nprobe": 96,
         "head_items": 5,
     }  # fair-eval keeps --beam
     with pytest.raises(SystemExit):  # the toy parameter's minimum is the flag's
@@ -109,7 +109,7 @@ def test_a_registered_mode_is_a_cli_choice_a_config_value_and_a_manifest_mode(to
     assert TrainConfig(eval_search="head").eval_search == "head"
 
     entry = manifest_entry(HeadMode(head_items=4), {"candidates": 50})
-    assert entry == {"mode": "head", "candidates": 50, "nprobe": 64, "head_items": 4}
+    assert entry == {"mode": "head", "candidates": 50, "nprobe": 96, "head_items": 4}
     assert mode_from_manifest(_read(tmp_path, entry)["search"]) == HeadMode(head_items=4)
     with pytest.raises(BundleError, match="field 'search'.*head_items"):
         _read(tmp_path, {"mode": "head", "candidates": 50})  # a mode's own parameter is required
@@ -143,8 +143,8 @@ def test_the_manifest_format_is_unchanged_for_the_built_in_modes(tmp_path):
     exact = mode_from_manifest(_read(tmp_path, {"mode": "exact", "candidates": 200})["search"])
     beam = mode_from_manifest(_read(tmp_path, {"mode": "beam", "candidates": 37})["search"])
     # written with every registered parameter (ann's nprobe too); read without the ones it lacks
-    assert manifest_entry(exact, {"candidates": 200}) == {"mode": "exact", "candidates": 200, "nprobe": 64}
-    assert manifest_entry(beam) == {"mode": "beam", "candidates": 37, "nprobe": 64}
+    assert manifest_entry(exact, {"candidates": 200}) == {"mode": "exact", "candidates": 200, "nprobe": 96}
+    assert manifest_entry(beam) == {"mode": "beam", "candidates": 37, "nprobe": 96}
     assert (exact.describe(), beam.describe()) == ("exact", "beam 37")
     for bad in ({"mode": "beam"}, {"mode": "beam", "candidates": True}, {"mode": "exact", "candidates": 0}):
         with pytest.raises(BundleError, match="field 'search'"):
