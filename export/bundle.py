@@ -480,7 +480,7 @@ def save_trie(trie: CodeTrie, path: str | os.PathLike) -> Path:
     """Write ``trie.npz`` from ``CodeTrie.to_arrays`` (plain arrays, no pickle)."""
     path = Path(path)
     with open(path, "wb") as f:
-        np.savez(f, **trie.to_arrays())
+        np.savez(f, **trie.to_arrays())  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return path
 
 

@@ -96,13 +96,13 @@ class Engine:
 
         The id and code parts are encoded on first use and kept: per request only the score varies.
         """
-        head, tail = self._item_json.get(index, (None, None))
-        if head is None:
+        cached = self._item_json.get(index)
+        if cached is None:
             table = self.bundle.table
             head = '{"item_id":' + _json(table.item_ids[index]) + ',"score":'
             tail = ',"semantic_id":' + _json(table.codes[index].tolist()) + "}"
-            self._item_json[index] = (head, tail)
-        return head + score_json + tail
+            cached = self._item_json[index] = (head, tail)
+        return cached[0] + score_json + cached[1]
 
     def forward(self, histories: Sequence[np.ndarray]) -> ModelScores:
         """Histories of item indices (oldest first, non-empty) -> the batch's ``ModelScores``."""

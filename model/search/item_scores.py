@@ -13,6 +13,7 @@ what was trained.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Protocol
@@ -30,13 +31,19 @@ class Scorer(Protocol):
     @property
     def num_items(self) -> int: ...
 
-    def check_outputs(self, *outputs: np.ndarray) -> tuple[np.ndarray, ...]: ...
+    # Callables of any arity: each scorer takes its own outputs by name (a ``*outputs`` method here
+    # would make a type checker reject every fixed-arity implementation).
+    @property
+    def check_outputs(self) -> Callable[..., tuple[np.ndarray, ...]]: ...
 
-    def all_scores(self, *outputs: np.ndarray) -> np.ndarray: ...
+    @property
+    def all_scores(self) -> Callable[..., np.ndarray]: ...  # -> [B, I] scores
 
-    def scores_of(self, *outputs_then_items: np.ndarray) -> np.ndarray: ...
+    @property
+    def scores_of(self) -> Callable[..., np.ndarray]: ...  # (outputs..., items [B, C]) -> [B, C]
 
-    def code_part(self, *outputs: np.ndarray) -> np.ndarray: ...
+    @property
+    def code_part(self) -> Callable[..., np.ndarray]: ...  # -> per-level code scores for the beam
 
 
 @dataclass(frozen=True)
