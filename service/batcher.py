@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.engine import Engine, ModelScores
+from service.engine import Engine, ModelScores, limit_search_threads
 
 log = logging.getLogger("fair.batcher")
 
@@ -163,6 +163,7 @@ class Batcher:
         return batch, stop
 
     def _run(self) -> None:
+        limit_search_threads()  # OpenMP limits are per thread: set them in the thread that searches
         while True:
             batch, stop = self._next_batch()
             if batch:

@@ -52,8 +52,16 @@ def single_threaded_blas() -> threadpool_limits:
     per worker; it scales with workers and replicas, not BLAS threads. The ``ann`` search's faiss index
     gets one OpenMP thread for the same reason (faiss's own pool, which threadpoolctl does not limit).
     """
-    faiss.omp_set_num_threads(1)
+    limit_search_threads()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def limit_search_threads() -> None:
+    """One thread for the OpenMP-threaded libraries in the calling thread: faiss's OpenMP pool and its
+    OpenMP build of OpenBLAS keep their thread count per calling thread (libgomp's per-thread ICV), so
+    the limit set at startup does not reach the inference thread: that thread calls this itself."""
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(limits=1, user_api="openmp")
 
 
 def session_options(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool) -> ort.SessionOptions:

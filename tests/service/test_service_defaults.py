@@ -26,7 +26,12 @@ def test_serving_uses_one_blas_thread_and_restores_it(tiny_bundle, redis_setting
     np.ones((64, 64)) @ np.ones((64, 64))  # load numpy's BLAS so it is listed
 
     def blas_threads():
-        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        # process-wide BLAS pools; OpenMP-threaded ones (faiss's OpenBLAS) are per thread: see below
+        return {
+            i["filepath"]: i["num_threads"]
+            for i in threadpool_info()
+            if i["user_api"] == "blas" and i.get("threading_layer") != "openmp"
+        }
 
     before = blas_threads()
     # numpy's BLAS starts with one thread per core; on our 2-core machines (and CI's) that is 2, so the
@@ -35,3 +40,31 @@ def test_serving_uses_one_blas_thread_and_restores_it(tiny_bundle, redis_setting
     with LiveServer(make_settings(tiny_bundle, redis_settings)):
         assert set(blas_threads().values()) == {1}
     assert blas_threads() == before
+
+
+def test_the_inference_thread_limits_its_openmp_pools():
+    """faiss (the ann search) and its OpenMP OpenBLAS count threads per calling thread: the limit set at
+    startup on the event loop's thread did not reach the batcher's inference thread (2 threads there)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    import service.engine  # noqa: F401  (loads faiss and its libraries)
+    from service.engine import limit_search_threads
+
+    seen = {}
+
+    def inference_thread():
+        limit_search_threads()
+        seen.update(
+            {
+                i["filepath"]: i["num_threads"]
+                for i in threadpool_info()
+                if i.get("threading_layer", "openmp") == "openmp"
+            }
+        )
+
+    t = threading.Thread(target=inference_thread)
+    t.start()
+    t.join()
+    assert seen and set(seen.values()) == {1}, seen
