@@ -31,7 +31,7 @@ import numpy as np
 
 from model.search.folded import FoldedScorer
 from model.search.item_scores import Scorer
-from model.search.modes.base import Param, SearchConfigError, SearchMode, widened
+from model.search.modes.base import Param, RescoresCandidates, SearchConfigError, SearchMode
 from model.search.modes.beam import BeamMode, rescore
 from model.search.results import ExcludeArg, SearchResult, excluded_pairs
 from model.semantic_ids.trie import CodeTrie
@@ -136,7 +136,7 @@ def index_of(scorer: Scorer) -> Any:
 
 
 @dataclass(frozen=True)
-class AnnMode(SearchMode):
+class AnnMode(RescoresCandidates, SearchMode):
     """IVF candidates (``candidates`` of them from ``nprobe`` lists), rescored by the folded score."""
 
     name: ClassVar[str] = "ann"
@@ -150,14 +150,6 @@ class AnnMode(SearchMode):
 
     candidates: int = BeamMode.params[0].default
     nprobe: int = DEFAULT_NPROBE
-
-    def at_least(self, width: int) -> AnnMode:
-        return widened(self, "candidates", width)  # type: ignore[return-value]
-
-    def check_k(self, k: int) -> None:
-        super().check_k(k)
-        if self.candidates < k:
-            raise SearchConfigError(f"candidates ({self.candidates}) must be >= k ({k})")
 
     def search(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import numpy as np
 
@@ -90,6 +90,22 @@ class SearchMode(ABC):
         """Top-k items per user by the full item score, ``exclude``d items never returned. ``outputs``
         are the network outputs ``scorer`` reads (``scorer.output_names``: ``(code_scores, query)``
         for an ``ItemScorer``, ``(history,)`` for a ``FoldedScorer``)."""
+
+
+class RescoresCandidates:
+    """The width rules of a mode that proposes ``candidates`` items per user and rescores them with the
+    full item score (beam, ann): it needs at least k candidates, and ``at_least`` widens it. A mixin
+    without fields, so the dataclass fields of the mode stay exactly its params."""
+
+    candidates: int
+
+    def at_least(self, width: int) -> Self:
+        return widened(self, "candidates", width)  # type: ignore[arg-type, return-value]
+
+    def check_k(self, k: int) -> None:
+        super().check_k(k)  # type: ignore[misc]  # SearchMode's, next in the mode's MRO
+        if self.candidates < k:
+            raise SearchConfigError(f"candidates ({self.candidates}) must be >= k ({k})")
 
 
 def widened(mode: SearchMode, param: str, width: int) -> SearchMode:

@@ -16,7 +16,7 @@ import numpy as np
 
 from model.search.beam import constrained_beam_search
 from model.search.item_scores import Scorer
-from model.search.modes.base import Param, SearchConfigError, SearchMode, widened
+from model.search.modes.base import Param, RescoresCandidates, SearchMode
 from model.search.results import ExcludeArg, SearchResult
 from model.search.scoring import top_k
 from model.semantic_ids.trie import CodeTrie
@@ -25,7 +25,7 @@ DEFAULT_CANDIDATES = 200
 
 
 @dataclass(frozen=True)
-class BeamMode(SearchMode):
+class BeamMode(RescoresCandidates, SearchMode):
     """Beam candidates (``candidates`` of them), rescored by the full item score."""
 
     name: ClassVar[str] = "beam"
@@ -40,14 +40,6 @@ class BeamMode(SearchMode):
     )
 
     candidates: int = DEFAULT_CANDIDATES
-
-    def at_least(self, width: int) -> BeamMode:
-        return widened(self, "candidates", width)  # type: ignore[return-value]
-
-    def check_k(self, k: int) -> None:
-        super().check_k(k)
-        if self.candidates < k:
-            raise SearchConfigError(f"candidates ({self.candidates}) must be >= k ({k})")
 
     def search(
         self,
