@@ -31,6 +31,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import print_rows  # noqa: E402  (bench/report.py: the script's folder is on sys.path)
+
 from model.search.folded import CodeHeads, FoldedScorer  # noqa: E402
 from model.search.item_scores import ItemScorer  # noqa: E402
 from model.search.modes.registry import make_mode  # noqa: E402
@@ -144,14 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"speed-up @{batch}"] = f"{ms['before'] / ms['after']:.2f}x"
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    cols = list(rows[0])
-    print(f"\n{where}; {args.users} users, k {K}, one BLAS thread, best of {args.repeats}\n")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
-    if args.json:
-        args.json.write_text(json.dumps({"where": where, "rows": rows}, indent=2) + "\n")
+    print_rows(
+        rows, f"{where}; {args.users} users, k {K}, one BLAS thread, best of {args.repeats}", args.json
+    )
     return 0
 
 
