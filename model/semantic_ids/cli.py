@@ -72,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    e = sub.add_parser(
+        "expand",
+        help="the table of a `fair-data expand` catalog from its source's table (no embedding)",
+        description="Give every item of an expanded catalog (fair-data expand) its source item's code tuple "
+        "followed by its variant number in base V (one more code for up to V copies). The copies of an item "
+        "embed to nearly one vector, so `build` would put them in one collision group (past 256 copies' worth "
+        "it cannot); this is the table that quantizer converges to, without embedding millions of texts.",
+    )
+    e.add_argument("--data", required=True, help="the expanded dataset folder (fair-data expand --out)")
+    e.add_argument(
+        "--source", required=True, help="the semantic-ID table of the dataset it was expanded from"
+    )
+    e.add_argument("--out", required=True, help="output table, e.g. runs/expand/beauty_1m_sid.npz")
+
     s = sub.add_parser(
         "stats", help="print statistics of a table", description="Size, uniqueness, utilization, collisions."
     )
@@ -119,6 +133,35 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(args: argparse.Namespace) -> int:
+    from model.data.benchmark import ITEMS_FILE, read_items_table
+    from model.data.expand import SOURCE_COLUMN, VARIANT_COLUMN
+    from model.semantic_ids.expand import expand_semantic_ids
+
+    items_path = Path(args.data) / ITEMS_FILE
+    if not items_path.is_file():
+        raise SemanticIdError(f"{args.data}: no {ITEMS_FILE} (expected a `fair-data expand` output folder)")
+    item_ids, fields, meta = read_items_table(items_path)
+    if SOURCE_COLUMN not in meta or VARIANT_COLUMN not in fields:
+        raise SemanticIdError(
+            f"{items_path}: no {SOURCE_COLUMN!r} and {VARIANT_COLUMN!r} columns: not a `fair-data expand` catalog"
+        )
+    try:
+        variants = [int(v) for v in fields[VARIANT_COLUMN]]
+    except ValueError as exc:
+        raise SemanticIdError(
+            f"{items_path}: a {VARIANT_COLUMN!r} value is not a whole number ({exc})"
+        ) from None
+    table = expand_semantic_ids(SemanticIdTable.load(args.source), item_ids, meta[SOURCE_COLUMN], variants)
+    table.save(args.out)
+    print(
+        f"wrote {args.out}: {table.num_items} items, code length {table.code_length} "
+        f"({table.code_length - table.meta['variant_digits']} from {args.source} + "
+        f"{table.meta['variant_digits']} variant), {table.meta['source_items']} source items"
+    )
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     table = SemanticIdTable.load(args.table)
     stats = table_stats(table)
@@ -140,7 +183,7 @@ def _stats(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _build(args) if args.command == "build" else _stats(args)
+        return {"build": _build, "expand": _expand, "stats": _stats}[args.command](args)
     except (SemanticIdError, EncoderError, ValueError, OSError) as exc:
         print(f"fair-sid: error: {exc}", file=sys.stderr)
         return 1
