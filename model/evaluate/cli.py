@@ -2,6 +2,7 @@
 
     fair-eval --run RUN_DIR --data DIR [--split valid|test] [--search exact|beam] [--beam 200] [--k 10] [--json]
     fair-eval --baseline popularity --data DIR [--split test] [--json]
+    fair-eval ... --users 5000 [--sample-seed 0]     # a seeded sample of the split's users (large sets)
 
 Full ranking over the whole catalog: the model's items come from the same search the service runs
 (exact scoring of every item, or beam candidates rescored by the same score), seen items excluded, and the invalid-ID rate is measured on what comes back. With
@@ -31,6 +32,7 @@ EPILOG = """examples:
   fair-eval --run runs/beauty_fair --data ../shared/data/amazon/Beauty --json
   fair-eval --run runs/beauty_fair --data ../shared/data/amazon/Beauty --split valid --checkpoint latest
   fair-eval --baseline popularity --data ../shared/data/amazon/Beauty --json
+  fair-eval --run runs/beauty_1m --data runs/expand/beauty_1m --users 5000 --json   # 1M items: a sample
 """
 REPORT_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate")
 
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="items ranked per user, >= 10 (default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default 256)")
     p.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="evaluate a seeded sample of this many users of the split (default: all); a run and the "
+        "popularity baseline given the same --users and --sample-seed see the same users",
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the --users sample (default 0)")
+    p.add_argument(
         "--checkpoint", choices=["best", "latest"], default="best", help="best.pt or checkpoint.pt"
     )
     p.add_argument(
@@ -80,9 +90,11 @@ def load_data(path: str | Path, max_history: int) -> SequenceDataset:
     return load_dataset(path, max_history=max_history)
 
 
-def evaluate_popularity(dataset: SequenceDataset, split: str, k: int) -> dict:
+def evaluate_popularity(
+    dataset: SequenceDataset, split: str, k: int, users: int | None = None, sample_seed: int = 0
+) -> dict:
     """Popularity baseline: training counts, seen items excluded, scored like a model."""
-    ev = dataset.eval_split(split)
+    ev = dataset.eval_split(split).sample(users, sample_seed)
     ranked = rank_by_popularity(popularity_order(dataset.item_popularity()), ev.histories, k=k)
     return evaluation_report(ranked, ev.targets, dataset.num_items, exclude=ev.histories)
 
@@ -101,7 +113,7 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict]:
             f"{PROG}: warning: {args.data} differs from the data {run.checkpoint_path} was trained on",
             file=sys.stderr,
         )
-    ev = dataset.eval_split(args.split)
+    ev = dataset.eval_split(args.split).sample(args.users, args.sample_seed)
     mode = make_mode(args.search, search_settings(args))
     report = evaluate_run(
         run,
@@ -144,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--search {args.search}: {exc}")
     if args.batch_size < 1 or (args.max_history is not None and args.max_history < 1):
         parser.error("--batch-size and --max-history must be >= 1")
+    if args.users is not None and args.users < 1:
+        parser.error(f"--users must be >= 1, got {args.users}")
     start = time.perf_counter()
     try:
         if args.baseline:
             dataset = load_data(args.data, args.max_history or DEFAULT_MAX_HISTORY)
-            report = evaluate_popularity(dataset, args.split, args.k)
+            report = evaluate_popularity(dataset, args.split, args.k, args.users, args.sample_seed)
             context = {"model": "popularity baseline (training counts, seen items excluded)"}
         else:
             report, context = evaluate_model(args)

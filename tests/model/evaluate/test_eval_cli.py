@@ -72,6 +72,36 @@ def test_popularity_baseline_json(data_and_run, capsys):
     assert report["invalid_rate"] == 0.0
 
 
+def test_user_sample_is_seeded_and_shared_by_run_and_baseline(data_and_run, capsys):
+    """--users N ranks a seeded sample of N users, in dataset order; the same N and seed give the same
+    users (and so the same metrics), another seed other users."""
+    ds, data, run = data_and_run
+    total = len(ds.eval_split("test").targets)
+    sample = ds.eval_split("test").sample(20, seed=3)
+    assert len(sample.users) == 20 and list(sample.users) == sorted(sample.users)
+    assert list(sample.users) == list(ds.eval_split("test").sample(20, seed=3).users)
+    assert list(sample.users) != list(ds.eval_split("test").sample(20, seed=4).users)
+    assert ds.eval_split("test").sample(total + 5).users.size == total  # more than there are: all
+    runs = []
+    for _ in range(2):
+        assert (
+            main(["--run", str(run), "--data", str(data), "--users", "20", "--sample-seed", "3", "--json"])
+            == 0
+        )
+        runs.append(_last_json(capsys))
+    assert runs[0]["users"] == 20 and runs[0]["ndcg@10"] == runs[1]["ndcg@10"]
+    assert (
+        main(
+            ["--baseline", "popularity", "--data", str(data), "--users", "20", "--sample-seed", "3", "--json"]
+        )
+        == 0
+    )
+    assert _last_json(capsys)["users"] == 20
+    with pytest.raises(SystemExit):
+        main(["--baseline", "popularity", "--data", str(data), "--users", "0"])
+    assert "--users must be >= 1" in capsys.readouterr().err
+
+
 def test_clear_errors(data_and_run, tmp_path, capsys):
     _, data, run = data_and_run
     assert main(["--run", str(tmp_path / "nope"), "--data", str(data)]) == 2
