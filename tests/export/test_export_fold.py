@@ -99,3 +99,19 @@ def test_a_folded_scorer_refuses_nan_and_a_wrong_width():
         folded.all_scores(np.full((2, DIM), np.nan, np.float32))
     with pytest.raises(ValueError, match="history must be"):
         folded.all_scores(np.zeros((2, DIM + 1), np.float32))
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_folding_in_chunks_gives_the_same_table(text):
+    """A 1M-item catalog is folded a chunk of items at a time (its float64 item vectors would be ~6 GB):
+    chunks that do not divide the catalog give the one-piece fold, bias and cold items included (to
+    float64 BLAS's blocking: the rows' sums may be ordered differently, far below float32's step)."""
+    model, codes = _model(True, text), _codes(4)
+    whole = fold_item_scores(model, codes, chunk=ITEMS)
+    scale = np.abs(whole.table).max()
+    for chunk in (1, 7, ITEMS - 1):
+        part = fold_item_scores(model, codes, chunk=chunk)
+        np.testing.assert_allclose(part.table, whole.table, rtol=1e-6, atol=1e-7 * scale)
+        np.testing.assert_array_equal(part.bias, whole.bias)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        fold_item_scores(model, codes, chunk=0)
