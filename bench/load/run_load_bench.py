@@ -6,7 +6,12 @@ In one run, on one machine:
   2. a no-op FastAPI endpoint (bench/load/noop_app.py) under wrk: the ceiling of the HTTP stack;
   3. the service (``fair-serve``, histories bulk-loaded into its embedded Redis): closed-loop wrk at
      growing connection counts -> the maximum throughput whose p99 stays under 100 ms;
-  4. the service at fixed request rates (fractions of that maximum): p50 / p95 / p99.
+  4. the service at fixed request rates (fractions of that maximum): p50 / p95 / p99;
+  5. with ``--reload``: a hot reload under load (wrk at half the maximum) to a hard-linked copy of the
+     served version, the service's RSS sampled every 20 ms: its peak during the reload, the reload's
+     time, and the requests of that window (errors, p99).
+Always recorded: the service's start to ready (bundle load + verification + warm-up) in seconds and
+its RSS when ready and at the end (``/proc/PID/status``: VmRSS, VmHWM).
 
     .venv/bin/python bench/load/run_load_bench.py --bundle runs/load-bench/bundles/beauty \\
         --data ../shared/data/amazon/Beauty --out runs/load-bench/results.json
@@ -82,6 +87,72 @@ def wrk(url: str, path: str, users: Path, connections: int, seconds: float, inte
     return r
 
 
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak so far) of a process, in MB (Linux ``/proc/PID/status``)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(line.split()[1]) / 1024.0
+    return out
+
+
+def reload_under_load(
+    url: str, serve: subprocess.Popen, bundle: Path, users: Path, rate: float, seconds: float, token: str
+) -> dict:
+    """Hot reload while wrk sends ``rate`` req/s: a new version (hard links of the served one's files,
+    so the disk holds one copy, and its manifest naming the new version) is loaded, verified, warmed and swapped in by ``POST /admin/reload``.
+    RSS is sampled every 20 ms from just before the reload until wrk ends."""
+    import threading
+
+    model_dir = bundle if not bundle.name.isdigit() else bundle.parent
+    versions = sorted(int(c.name) for c in model_dir.iterdir() if c.is_dir() and c.name.isdigit())
+    served = bundle if bundle.name.isdigit() else model_dir / str(versions[-1])
+    new = model_dir / str(versions[-1] + 1)
+    shutil.copytree(served, new, copy_function=os.link, ignore=shutil.ignore_patterns("manifest.json"))
+    manifest = json.loads((served / "manifest.json").read_text())
+    manifest["version"] = int(new.name)  # the service refuses a version directory its manifest does not name
+    (new / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(proc_memory_mb(serve.pid)["VmRSS"])
+            time.sleep(0.02)
+
+    result: dict = {"rate": rate, "from_version": int(served.name), "to_version": int(new.name)}
+    load: dict = {}
+    wrk_thread = threading.Thread(
+        target=lambda: load.update(wrk(url, "/recommend", users, 64, seconds, interval_ms=1000.0 / rate))
+    )
+    try:
+        result["rss_before_mb"] = proc_memory_mb(serve.pid)["VmRSS"]
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        wrk_thread.start()
+        time.sleep(min(2.0, seconds / 4))
+        t0 = time.perf_counter()
+        r = httpx.post(
+            url + "/admin/reload", json={"version": int(new.name)},
+            headers={"Authorization": f"Bearer {token}"}, timeout=600,
+        )  # fmt: skip
+        result["reload_s"] = round(time.perf_counter() - t0, 2)
+        result["reload_status"] = r.status_code
+        wrk_thread.join()
+        done.set()
+        sampler.join()
+        result["rss_peak_mb"] = max(samples)
+        result["rss_after_mb"] = proc_memory_mb(serve.pid)["VmRSS"]
+        result["load"] = load
+        # back to following the newest version, and the copy removed
+        httpx.post(url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    finally:
+        done.set()
+        shutil.rmtree(new, ignore_errors=True)
+    return result
+
+
 def in_process(
     bundle: Path, histories: list[np.ndarray], batch_sizes, seconds: float, threads: int
 ) -> list[dict]:
@@ -145,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="onnxruntime intra-op threads (service and in-process)"
     )
     p.add_argument("--serve-args", default="", help="extra fair-serve flags, e.g. '--max-wait-ms 0'")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="also time a hot reload under load (half the maximum) and the service's RSS peak during it; "
+        "--bundle must be BUNDLE_ROOT/NAME[/VERSION] in a writable folder (a hard-linked copy is added)",
+    )
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("run_load_bench: wrk not found (Debian: apt-get install -y wrk)", file=sys.stderr)
@@ -195,9 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         "--intra-op-threads", str(args.threads), "--default-beam-size", "20", *args.serve_args.split(),
     ]  # fmt: skip
     results["serve_cmd"] = " ".join(serve_cmd[1:])
-    serve = subprocess.Popen(serve_cmd, env=env)
+    token = "load-bench-admin-" + os.urandom(8).hex()
+    serve_env = {**env, "FAIR_ADMIN_TOKEN": token} if args.reload else env
+    started = time.perf_counter()
+    serve = subprocess.Popen(serve_cmd, env=serve_env)
     try:
-        wait_ready(url, serve, "/readyz")
+        wait_ready(url, serve, "/readyz", timeout_s=900)
+        results["startup_s"] = round(time.perf_counter() - started, 2)
+        results["memory_ready_mb"] = proc_memory_mb(serve.pid)
+        print(f"service ready in {results['startup_s']:.1f} s, RSS {results['memory_ready_mb']['VmRSS']:.0f} MB",
+              flush=True)  # fmt: skip
         wrk(url, "/recommend", users_file, 16, 3)  # warm-up
         closed = []
         for c in [int(x) for x in args.connections.split(",")]:
@@ -220,6 +304,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fixed {frac:.2f} x max = {rate:6.0f} req/s: got {r['rps']:6.0f}  p50 {r['p50_ms']:.2f}  "
                   f"p95 {r['p95_ms']:.2f}  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}", flush=True)  # fmt: skip
         results["fixed_rate"] = fixed
+        if args.reload:
+            # half the maximum; if no point kept p99 < 100 ms (an overloaded machine), half the best
+            base = max_rps or max(r["rps"] for r in closed)
+            rl = reload_under_load(
+                url, serve, args.bundle, users_file, 0.5 * base, max(args.seconds, 10.0), token
+            )
+            results["reload"] = rl
+            ld = rl["load"]
+            print(f"reload v{rl['from_version']} -> v{rl['to_version']} under {rl['rate']:.0f} req/s: "
+                  f"{rl['reload_s']:.1f} s (HTTP {rl['reload_status']}), RSS {rl['rss_before_mb']:.0f} -> peak "
+                  f"{rl['rss_peak_mb']:.0f} -> {rl['rss_after_mb']:.0f} MB; requests p50 {ld['p50_ms']:.1f} "
+                  f"p99 {ld['p99_ms']:.1f} ms, errors {ld['errors']}", flush=True)  # fmt: skip
+        results["memory_end_mb"] = proc_memory_mb(serve.pid)
         metrics = httpx.get(url + "/metrics", timeout=10).text
         sums = {
             ln.split()[0]: float(ln.split()[1])
