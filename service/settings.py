@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The latency objective (p99 of POST /recommend) the request histogram must resolve.
@@ -20,6 +20,9 @@ LATENCY_OBJECTIVE_S = 0.020
 MAX_K = 100
 MAX_BEAM_SIZE = 200
 MAX_REQUEST_HISTORY = 1000
+# Redis memory bounds (docs/operations.md, "Security"): idle histories expire, the embedded server has a cap.
+HISTORY_TTL_S = 90 * 86400
+EMBEDDED_REDIS_MAXMEMORY = 1 << 30  # 1 GiB: ~400k users of 200 ten-character item ids, see the docs
 
 
 class Settings(BaseSettings):
@@ -69,6 +72,24 @@ class Settings(BaseSettings):
     )
     history_key_prefix: str = "fair:history:"
     history_max_items: int = Field(200, ge=1, description="each user's list is trimmed to this length")
+    history_ttl_s: int = Field(
+        HISTORY_TTL_S,
+        ge=0,
+        description="a history no event was appended to for this long expires (every append resets the "
+        "clock, in the append's own Lua script; reads do not); 0 = never. Default 90 days: a user "
+        "idle for a quarter gets the popular fallback, and Redis holds only the users active within it",
+    )
+    idempotency_key_prefix: str = Field(
+        "fair:idem:",
+        description="prefix of the Idempotency-Key dedupe records; neither it nor FAIR_HISTORY_KEY_PREFIX "
+        "may start with the other, so no user id makes a history key equal a dedupe key",
+    )
+    redis_maxmemory: ByteSize = Field(
+        ByteSize(EMBEDDED_REDIS_MAXMEMORY),
+        ge=0,
+        description="maxmemory of the embedded Redis (bytes, or '512MiB', '2GB'); 0 = unlimited. Policy "
+        "noeviction: when full, writes answer 503 redis_full and no history is dropped silently",
+    )
 
     # ---- recommendation defaults ----
     default_k: int = Field(10, ge=1, le=MAX_K)
@@ -121,6 +142,25 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    @field_validator("idempotency_key_prefix")
+    @classmethod
+    def _idem_prefix_plain(cls, v: str) -> str:
+        if not v or "{" in v or "}" in v:
+            raise ValueError("must not be empty or contain '{' or '}' (the dedupe key's hash tag follows it)")
+        return v
+
+    @model_validator(mode="after")
+    def _prefixes_disjoint(self) -> Settings:
+        # A history key is FAIR_HISTORY_KEY_PREFIX + any user id: if one prefix started with the other,
+        # some user id would make its history key equal another user's dedupe key (WRONGTYPE for both).
+        h, i = self.history_key_prefix, self.idempotency_key_prefix
+        if h.startswith(i) or i.startswith(h):
+            raise ValueError(
+                f"FAIR_IDEMPOTENCY_KEY_PREFIX ({i!r}) and FAIR_HISTORY_KEY_PREFIX ({h!r}): neither may "
+                "start with the other"
+            )
+        return self
 
     def history_key(self, user_id: str) -> str:
         return f"{self.history_key_prefix}{user_id}"

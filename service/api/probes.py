@@ -12,6 +12,7 @@ from service.api.deps import ServingEngine, State, Store
 from service.auth import PublicRoute
 from service.errors import ServiceError
 from service.model_info import public_model_summary
+from service.redis_store import StoreUnavailable
 from service.schemas import HealthResponse, PublicModelResponse, ReadyResponse, error_responses
 
 router = APIRouter(route_class=PublicRoute)
@@ -58,9 +59,25 @@ async def readyz(state: State, store: Store) -> JSONResponse:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}, 500: {}},
     summary="Prometheus metrics (all workers in multiprocess mode)",
 )
-async def metrics_endpoint() -> Response:
+async def metrics_endpoint(state: State) -> Response:
+    await _refresh_redis_memory(state)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
+
+
+async def _refresh_redis_memory(state: State) -> None:
+    """Redis memory into its gauges, read at scrape time (one INFO, async: the loop never blocks). A Redis
+    that does not answer in FAIR_REDIS_TIMEOUT_MS leaves the last values (and counts a Redis error):
+    the scrape itself still succeeds."""
+    if state.store is None:
+        return
+    try:
+        async with asyncio.timeout(state.settings.redis_timeout_ms / 1000.0):
+            used, maxmemory = await state.store.memory()
+    except (StoreUnavailable, TimeoutError):
+        return
+    metrics.REDIS_USED_MEMORY.set(used)
+    metrics.REDIS_MAXMEMORY.set(maxmemory)
 
 
 @router.get(

@@ -20,8 +20,13 @@ def redis_settings(tmp_path_factory) -> dict:
     url = os.environ.get("FAIR_TEST_REDIS_URL")
     if url:
         cluster = os.environ.get("FAIR_TEST_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
-        prefix = f"fair:test:{uuid.uuid4().hex[:8]}:"
-        return {"redis_url": url, "redis_cluster": cluster, "history_key_prefix": prefix}
+        run = uuid.uuid4().hex[:8]
+        return {
+            "redis_url": url,
+            "redis_cluster": cluster,
+            "history_key_prefix": f"fair:test:{run}:",
+            "idempotency_key_prefix": f"fair:test-idem:{run}:",  # its own prefix, as the service's
+        }
     return {"data_dir": tmp_path_factory.mktemp("redis")}
 
 

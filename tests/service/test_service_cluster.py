@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis_cluster import LocalRedisCluster
-from service_testlib import LiveServer, make_settings
+from service_testlib import LiveServer, make_settings, sample, scrape
 
 from service.load_histories import main as load_histories_main
 
@@ -66,8 +66,23 @@ def test_an_idempotency_key_holds_across_replicas(replicas, tiny_bundle):
     assert first.status_code == again.status_code == 200
     assert again.headers.get("idempotent-replayed") == "true" and again.json() == first.json()
     assert httpx.get(f"{b.url}/users/idem/history").json()["item_ids"] == [item]
-    conflict = httpx.post(f"{b.url}/users/idem/events", json={"item_ids": ["other"]}, headers=key)
+    other = tiny_bundle.dataset.item_ids[1]
+    conflict = httpx.post(f"{b.url}/users/idem/events", json={"item_ids": [other]}, headers=key)
     assert conflict.status_code == 409
+
+
+def test_metrics_report_the_clusters_memory_summed_over_its_primaries(replicas, cluster):
+    a, _ = replicas
+    metrics = scrape(a.url)
+    nodes = []
+    for port in cluster.ports:
+        node = redis.Redis(port=port)
+        nodes.append(node.info("memory")["used_memory"])
+        node.close()
+    # the sum over the three masters (each alone is about a third of it); maxmemory 0: no limit set
+    assert 0.8 * sum(nodes) < sample(metrics, "fair_redis_used_memory_bytes") < 1.2 * sum(nodes), nodes
+    assert ("fair_redis_maxmemory_bytes", frozenset()) in metrics
+    assert sample(metrics, "fair_redis_maxmemory_bytes") == 0
 
 
 def test_fair_load_histories_fills_the_cluster(replicas, cluster, tiny_bundle, tmp_path):

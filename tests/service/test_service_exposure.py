@@ -51,7 +51,7 @@ def test_redis_outage_answers_do_not_name_its_address(tiny_bundle):
             redis_server.stop()
             answers = [
                 httpx.post(live.url + "/recommend", json={"user_id": "u"}),
-                httpx.post(live.url + "/users/u/events", json={"item_ids": ["a"]}),
+                httpx.post(live.url + "/users/u/events", json={"item_ids": ["item0"]}),
                 httpx.get(live.url + "/users/u/history"),
             ]
             for r in answers:
@@ -67,7 +67,7 @@ def test_api_tokens_guard_the_data_plane(tiny_bundle, redis_settings):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN}):
             for r in (
                 httpx.post(live.url + "/recommend", json={"user_id": "t"}, headers=headers),
-                httpx.post(live.url + "/users/t/events", json={"item_ids": ["a"]}, headers=headers),
+                httpx.post(live.url + "/users/t/events", json={"item_ids": ["item0"]}, headers=headers),
                 httpx.get(live.url + "/users/t/history", headers=headers),
             ):
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text

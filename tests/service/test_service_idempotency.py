@@ -6,19 +6,25 @@ overloaded Redis does, so the first copy of the write reaches Redis but its answ
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import httpx
 import pytest
+from pydantic import ValidationError
+from redis.crc import key_slot
 from service_testlib import LiveServer, make_settings
 
 from service.embedded_redis import EmbeddedRedis
 from service.redis_store import dedupe_key
+from service.settings import Settings
 
 
 @contextmanager
@@ -49,11 +55,11 @@ def test_a_write_retried_by_the_redis_client_is_stored_once(tiny_bundle):
         warm = httpx.get(f"{live.url}/users/d1/history")  # a pooled connection, as in traffic
         assert warm.status_code == 200
         thaw = frozen_for(redis_server, 0.7)
-        r = httpx.post(f"{live.url}/users/d1/events", json={"item_ids": ["once"]}, timeout=10)
+        r = httpx.post(f"{live.url}/users/d1/events", json={"item_ids": ["item0"]}, timeout=10)
         thaw.join()
         assert r.status_code == 200, r.text  # the client's retry found the recorded answer
         assert "idempotent-replayed" not in r.headers  # the caller sent no key: nothing to tell it
-        assert httpx.get(f"{live.url}/users/d1/history").json()["item_ids"] == ["once"]
+        assert httpx.get(f"{live.url}/users/d1/history").json()["item_ids"] == ["item0"]
 
 
 def test_a_client_retry_with_an_idempotency_key_is_applied_once(tiny_bundle):
@@ -62,49 +68,90 @@ def test_a_client_retry_with_an_idempotency_key_is_applied_once(tiny_bundle):
         redis_server,
     ):
         url, key = f"{live.url}/users/d2/events", {"Idempotency-Key": "evt-7f3a"}
-        assert httpx.post(url, json={"item_ids": ["a"]}).json()["history_length"] == 1
+        assert httpx.post(url, json={"item_ids": ["item1"]}).json()["history_length"] == 1
         thaw = frozen_for(redis_server, 1.0)
-        first = httpx.post(url, json={"item_ids": ["b", "c"]}, headers=key, timeout=10)
+        first = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key, timeout=10)
         assert first.status_code == 503, first.text  # timed out: the caller cannot know it was stored
         thaw.join()
-        retry = httpx.post(url, json={"item_ids": ["b", "c"]}, headers=key, timeout=10)
+        retry = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key, timeout=10)
         assert retry.status_code == 200, retry.text
         assert retry.json()["history_length"] == 3
         assert retry.headers["idempotent-replayed"] == "true"
-        assert httpx.get(f"{live.url}/users/d2/history").json()["item_ids"] == ["a", "b", "c"]
+        assert httpx.get(f"{live.url}/users/d2/history").json()["item_ids"] == ["item1", "item2", "item3"]
 
-        again = httpx.post(url, json={"item_ids": ["b", "c"]}, headers=key)
+        again = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key)
         assert again.json()["history_length"] == 3  # the first answer, not the current length + 2
-        conflict = httpx.post(url, json={"item_ids": ["x"]}, headers=key)
+        conflict = httpx.post(url, json={"item_ids": ["item9"]}, headers=key)
         assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict"
         # the key is scoped to the user: another user's write with it is a different write
-        other = httpx.post(f"{live.url}/users/d3/events", json={"item_ids": ["x"]}, headers=key)
+        other = httpx.post(f"{live.url}/users/d3/events", json={"item_ids": ["item9"]}, headers=key)
         assert other.status_code == 200 and "idempotent-replayed" not in other.headers
-        assert httpx.get(f"{live.url}/users/d2/history").json()["item_ids"] == ["a", "b", "c"]
+        assert httpx.get(f"{live.url}/users/d2/history").json()["item_ids"] == ["item1", "item2", "item3"]
 
 
 def test_the_dedupe_key_expires_after_the_configured_ttl(tiny_bundle):
     with own_redis_server(tiny_bundle, idempotency_ttl_s=1) as (live, redis_server):
         url, key = f"{live.url}/users/d4/events", {"Idempotency-Key": "k1"}
-        assert httpx.post(url, json={"item_ids": ["a"]}, headers=key).json()["history_length"] == 1
-        idem = dedupe_key(live.settings.history_key("d4"), "k1")
+        assert httpx.post(url, json={"item_ids": ["item1"]}, headers=key).json()["history_length"] == 1
+        idem = dedupe_key(live.settings.history_key("d4"), "k1", live.settings.idempotency_key_prefix)
         assert 0 < redis_server._probe().pttl(idem) <= 1000
-        assert httpx.post(url, json={"item_ids": ["a"]}, headers=key).json()["history_length"] == 1  # replay
+        replay = httpx.post(url, json={"item_ids": ["item1"]}, headers=key)
+        assert replay.json()["history_length"] == 1
         time.sleep(1.3)  # past the TTL the key is forgotten: the same key is a new write
-        assert httpx.post(url, json={"item_ids": ["a"]}, headers=key).json()["history_length"] == 2
+        assert httpx.post(url, json={"item_ids": ["item1"]}, headers=key).json()["history_length"] == 2
 
 
 @pytest.mark.parametrize("bad", ["", "with space", "x" * 129, "é"])
 def test_invalid_idempotency_keys_are_refused(server, bad):
     r = httpx.post(
-        f"{server.url}/users/d5/events", json={"item_ids": ["a"]}, headers={"Idempotency-Key": bad.encode()}
+        f"{server.url}/users/d5/events",
+        json={"item_ids": ["item0"]},
+        headers={"Idempotency-Key": bad.encode()},
     )
     assert r.status_code == 422 and r.json()["error"]["field"] == "header.Idempotency-Key", r.text
 
 
 def test_dedupe_keys_share_the_history_keys_cluster_slot():
-    from redis.crc import key_slot
-
     for history_key in ["fair:history:alice", "fair:history:{tagged}x", "fair:history:a{b"]:
         idem = dedupe_key(history_key, "token")
         assert key_slot(idem.encode()) == key_slot(history_key.encode()), history_key
+    # two users whose history keys share a hash tag share the slot, never the dedupe key
+    assert dedupe_key("fair:history:{t}a", "token") != dedupe_key("fair:history:{t}b", "token")
+    assert key_slot(dedupe_key("fair:history:{t}a", "token").encode()) == key_slot(b"fair:history:{t}b")
+
+
+def _old_dedupe_key(history_key: str, token: str) -> str:
+    """Where the dedupe record of ``token`` lived before its own prefix: the history key + ``:idem:SHA``
+    (a history key with a hash tag kept it as it was)."""
+    return f"{history_key}:idem:{hashlib.sha256(token.encode()).hexdigest()[:32]}"
+
+
+@pytest.mark.parametrize("crafted_first", [True, False])
+def test_a_crafted_user_id_cannot_block_another_users_writes(server, crafted_first):
+    """Issue 24: the dedupe key of user ``{x}`` was the history key of user ``{x}:idem:SHA``. Whichever
+    wrote first, the other's next write met a key of the wrong type (WRONGTYPE: 503) for a whole day."""
+    victim, token = "{" + uuid.uuid4().hex[:8] + "}", "evt-0001"
+    crafted = _old_dedupe_key(victim, token)  # a user id whose history key was the victim's dedupe key
+    assert server.settings.history_key(crafted) == _old_dedupe_key(server.settings.history_key(victim), token)
+    writes = [
+        (f"/users/{quote(crafted, safe='')}/events", {"item_ids": ["item5"]}, {}),
+        (f"/users/{quote(victim, safe='')}/events", {"item_ids": ["item6"]}, {"Idempotency-Key": token}),
+    ]
+    for path, body, headers in writes if crafted_first else writes[::-1]:
+        r = httpx.post(server.url + path, json=body, headers=headers)
+        assert r.status_code == 200 and r.json()["history_length"] == 1, r.text
+    replay = httpx.post(server.url + writes[1][0], json=writes[1][1], headers=writes[1][2])
+    assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true", replay.text
+    assert httpx.get(f"{server.url}/users/{quote(victim, safe='')}/history").json()["item_ids"] == ["item6"]
+    assert httpx.get(f"{server.url}/users/{quote(crafted, safe='')}/history").json()["item_ids"] == ["item5"]
+
+
+def test_dedupe_keys_live_under_their_own_prefix():
+    key = dedupe_key("fair:history:alice", "t", "fair:idem:")
+    assert key.startswith("fair:idem:{fair:history:alice}:") and not key.startswith("fair:history:")
+    for history, idem in [("fair:history:", "fair:history:idem:"), ("fair:", "fair:idem:"), ("a", "a")]:
+        with pytest.raises(ValidationError, match="neither may start with the other"):
+            Settings(history_key_prefix=history, idempotency_key_prefix=idem)
+    for bad in ("", "fair:{idem}:", "fair:idem}"):
+        with pytest.raises(ValidationError):
+            Settings(idempotency_key_prefix=bad)

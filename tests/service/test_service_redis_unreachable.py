@@ -46,7 +46,7 @@ def test_unreachable_cluster_is_503_and_not_ready(tiny_bundle, tmp_path):
     with LiveServer(make_settings(tiny_bundle, redis, redis_timeout_ms=500)) as live:
         r = httpx.post(f"{live.url}/recommend", json={"user_id": "u"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
-        assert httpx.post(f"{live.url}/users/u/events", json={"item_ids": ["a"]}).status_code == 503
+        assert httpx.post(f"{live.url}/users/u/events", json={"item_ids": ["item0"]}).status_code == 503
         ready = httpx.get(f"{live.url}/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["redis"] is False
 

@@ -69,7 +69,7 @@ def test_healthz_fails_when_the_embedded_redis_cannot_be_restarted(tiny_bundle, 
         )
         with caplog.at_level(logging.INFO, logger="fair.redis"), LiveServer(settings) as live:
             url = live.url
-            assert httpx.post(f"{url}/users/bob/events", json={"item_ids": ["a"]}).status_code == 200
+            assert httpx.post(f"{url}/users/bob/events", json={"item_ids": ["item0"]}).status_code == 200
             # A corrupt append-only file: redis-server refuses to start on it, as after a disk fault.
             aof = Path(data_dir) / "histories.aof"
             original = aof.read_bytes()
@@ -87,7 +87,7 @@ def test_healthz_fails_when_the_embedded_redis_cannot_be_restarted(tiny_bundle, 
             aof.write_bytes(original)  # repaired: the supervisor, still retrying, brings it back
             _wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, "/healthz to recover")
             _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, "readiness")
-            assert httpx.get(f"{url}/users/bob/history").json()["item_ids"] == ["a"]
+            assert httpx.get(f"{url}/users/bob/history").json()["item_ids"] == ["item0"]
 
 
 def test_an_external_redis_outage_is_logged_once_when_it_starts_and_once_when_it_ends(tiny_bundle, caplog):
