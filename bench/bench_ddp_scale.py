@@ -172,7 +172,13 @@ def measure_rank(args: argparse.Namespace) -> dict:
     timed = mine[args.warmup : args.warmup + args.steps]
     seqs, seconds, each = timed_steps(trainer, timed, sync=True)
     emb, bias = trainer.model.item_emb.weight, trainer.model.item_bias
-    rows = int((emb.grad.abs().sum(dim=1) > 0).sum())  # after the all-reduce: every rank's rows
+    if emb.grad.is_sparse:  # train.sparse_item_ids: the gradient holds the touched rows only
+        grad = emb.grad.coalesce()
+        rows = int(grad.indices().unique().numel())
+        id_grad_bytes = grad.values().numel() * 4 + grad.indices().numel() * 8
+    else:
+        rows = int((emb.grad.abs().sum(dim=1) > 0).sum())  # after the all-reduce: every rank's rows
+        id_grad_bytes = emb.grad.numel() * 4
     ddp_times = {}
     if trainer.ddp is not None:
         logged = trainer.ddp._get_ddp_logging_data()
@@ -194,7 +200,7 @@ def measure_rank(args: argparse.Namespace) -> dict:
         "sync_each": each[: args.nosync_steps], "nosync_each": nosync_each, "opt_step_s": opt_s,
         "peak_rss_mb": round(peak_rss), "load_s": round(load_s, 1), "build_s": round(build_s, 1),
         "items": data.num_items, "batch_size": cfg.train.batch_size, "id_rows_touched": rows,
-        "id_grad_mb": mb(emb.grad.numel() * 4 + bias.grad.numel() * 4), "id_grad_sparse": emb.grad.is_sparse,
+        "id_grad_mb": mb(id_grad_bytes + bias.grad.numel() * 4), "id_grad_sparse": emb.grad.is_sparse,
         "grad_mb": mb(sum(p.numel() * p.element_size() for p in params)),
         "find_unused_parameters": None if trainer.ddp is None else trainer.ddp.find_unused_parameters,
         "gradient_as_bucket_view": None if trainer.ddp is None else trainer.ddp.gradient_as_bucket_view,

@@ -31,6 +31,7 @@ from model.data.loading import load_dataset  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
 from model.train.batches import collate, epoch_batches  # noqa: E402
 from model.train.config import load_config  # noqa: E402
+from model.train.optim import clip_grad_norm  # noqa: E402
 from model.train.trainer import Trainer  # noqa: E402
 
 
@@ -45,9 +46,9 @@ def measure(config: str, sets: list[str], threads: int, data, table, warmup: int
         def step(index) -> int:
             batch = collate(trainer.windows, index, trainer.item_codes)
             terms = trainer.losses(batch, trainer._seed_step())
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.optimizer.zero_grad()
             terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.train.grad_clip)
+            clip_grad_norm(trainer.model.parameters(), cfg.train.grad_clip)
             trainer.optimizer.step()
             return len(index)
 

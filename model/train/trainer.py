@@ -35,6 +35,7 @@ from model.train.config import ConfigError, RunConfig, TrainConfig
 from model.train.distributed import DistInfo, barrier, broadcast_floats
 from model.train.item_init import text_init
 from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
+from model.train.optim import RunOptimizer, clip_grad_norm, make_item_table_sparse
 from model.train.perturb import perturb_history
 from model.train.plots import plot_curves
 from model.train.sampled_softmax import NegativeSampler, sampled_item_logits, sampled_item_loss
@@ -131,7 +132,7 @@ class Trainer:
         self._build_negative_sampler()
         self.ddp = self._wrap_ddp()
         self._start_counters()
-        self.optimizer, self.scheduler = self._build_optimizer()
+        self.optimizer = self._build_optimizer()
         if resume:
             self._restore()
         elif self.dist.is_main:
@@ -182,6 +183,12 @@ class Trainer:
             self.model.item_text.copy_(torch.from_numpy(np.asarray(item_embeddings, dtype=np.float32)))
         if self.model.item_emb is not None:
             self.model.item_trained.copy_(torch.from_numpy(self.trained))
+        # row-sparse ID table (before the weight average copies the network and before DDP wraps it)
+        self.sparse_table = (
+            make_item_table_sparse(self.model)
+            if self.model.item_emb is not None and t.sparse_ids_for(self.table.num_items)
+            else None
+        )
         # train.ema_decay: an exponential moving average of the weights (torch's AveragedModel) is what
         # validation ranks, best.pt keeps and fair-export ships; the raw weights only go on training.
         # Buffers are not averaged: AveragedModel copies them from the raw model at every update (the
@@ -229,16 +236,21 @@ class Trainer:
         self.bad_evals = 0
         self.train_seconds = 0.0  # optimisation time only (validation excluded), kept across resumes
 
-    def _build_optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-        """AdamW over the network's own parameter groups (``FAIR.optimizer_groups``), warmup + cosine.
-        Needs ``train_seconds``: under a time budget the schedule's position is training time."""
+    def _build_optimizer(self) -> RunOptimizer:
+        """AdamW over the network's own parameter groups (``FAIR.optimizer_groups``), and SparseAdam
+        over the item-ID table when it is row-sparse (``train.sparse_item_ids``, ``model.train.optim``);
+        warmup + cosine. Needs ``train_seconds``: under a time budget the schedule's position is
+        training time."""
         t = self.cfg.train
         groups = self.model.optimizer_groups(t.weight_decay, t.item_id_weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio)
+        betas = (t.betas[0], t.betas[1])
+        return RunOptimizer(
+            groups,
+            t.lr,
+            betas,
+            lambda s: lr_factor(s, t.warmup_steps, self._progress(s), t.min_lr_ratio),
+            sparse_table=self.sparse_table,
         )
-        return optimizer, scheduler
 
     # ---- run directory ---------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -270,8 +282,7 @@ class Trainer:
             self.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         else:
             self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.optimizer.load_state_dict(ckpt)
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         self.batch_in_epoch = ckpt["rng"]["batch_in_epoch"]
         self.best_metric = ckpt["best_metric"]
@@ -305,8 +316,7 @@ class Trainer:
             "model": self._eval_model().state_dict(),
             "model_config": cfg["model"],
             "train_config": cfg["train"],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.optimizer.state_dict(),  # optimizer, scheduler (+ sparse_optimizer, sparse_scheduler)
             "step": self.step,
             "epoch": self.epoch,
             "best_metric": self.best_metric,
@@ -437,9 +447,9 @@ class Trainer:
         ``(loss terms, gradient norm)``. The schedule and counters are ``fit``'s; a benchmark times
         this exact step (bench/bench_train_scale.py)."""
         terms = self.losses(batch, self._seed_step())
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         terms["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        gnorm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -488,7 +498,7 @@ class Trainer:
                 batch = collate(self.windows, mine[self.batch_in_epoch], self.item_codes).to(self.device)
                 terms, gnorm = self.train_step(batch)
                 self.train_seconds += time.monotonic() - step_start
-                self.scheduler.step()
+                self.optimizer.schedule_step()
                 self.step += 1
                 self.batch_in_epoch += 1
                 seqs += batch.codes.size(0) * self.dist.world_size
@@ -496,7 +506,7 @@ class Trainer:
                     now = time.monotonic()
                     rec = {k: round(v.item(), 5) for k, v in terms.items()}
                     rec.update(
-                        kind="train", step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                        kind="train", step=self.step, epoch=self.epoch, lr=self.optimizer.last_lr(),
                         grad_norm=round(float(gnorm), 4), seq_per_s=round(seqs / (now - tick), 1),
                     )  # fmt: skip
                     seqs, tick = 0, now
@@ -535,7 +545,7 @@ class Trainer:
                 self.batch_in_epoch = 0
         bar.close()
         summary = {"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": stop_reason,
-                   "best_" + METRIC: self.best_metric, "softmax": self.softmax, "minutes": round((time.monotonic() - start) / 60, 2)}  # fmt: skip
+                   "best_" + METRIC: self.best_metric, "softmax": self.softmax, "sparse_item_ids": self.sparse_table is not None, "minutes": round((time.monotonic() - start) / 60, 2)}  # fmt: skip
         self._log(summary)
         if self.dist.is_main:
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")

@@ -69,10 +69,10 @@ def test_the_trainer_optimizes_the_model_groups_with_the_run_hyper_parameters(sy
     cfg = load_config(None, sets)
     trainer = Trainer(cfg, load_dataset(spec), SemanticIdTable.load(sid), tmp_path / "run", progress=False)
     expected = trainer.model.optimizer_groups(0.05, 0.2)
-    got = trainer.optimizer.param_groups
+    got = trainer.optimizer.dense.param_groups
     assert len(got) == len(expected) == 3
     for g, e in zip(got, expected, strict=True):
         assert [id(p) for p in g["params"]] == [id(p) for p in e["params"]]
         assert g["weight_decay"] == e["weight_decay"]
         assert g["initial_lr"] == 0.003 and g["betas"] == tuple(cfg.train.betas)
-    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert isinstance(trainer.optimizer.dense, torch.optim.AdamW) and trainer.optimizer.sparse is None
