@@ -3,7 +3,9 @@
 Every ``Settings`` field is a flag (``--max-batch-size 64``) and an environment variable
 (``FAIR_MAX_BATCH_SIZE=64``); flags win. The flags are exported into the environment before uvicorn
 starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN`` and
-``FAIR_API_TOKENS`` are environment-only, so secrets never show up in ``ps``.
+``FAIR_API_TOKENS`` are environment-only, so secrets never show up in ``ps``; for the same reason
+``--redis-url`` refuses a URL with a password (``FAIR_REDIS_URL`` takes it), and the URL is only ever
+printed with its password hidden (``service.redact``).
 
 With no ``FAIR_REDIS_URL`` the embedded Redis is started here, once, and its socket URL handed to
 every worker. With ``--workers > 1`` Prometheus multiprocess mode is switched on (a temporary
@@ -23,6 +25,7 @@ import tempfile
 
 from pydantic import ValidationError
 
+from service.redact import flag_refusal, has_secret, redact_url
 from service.settings import Settings
 
 ENV_ONLY = {"admin_token", "api_tokens"}  # secrets: never on a command line (ps shows it)
@@ -68,6 +71,9 @@ def _env_value(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if has_secret(args.redis_url):  # the URL is a setting, but its password must not be in ps
+        print(flag_refusal("fair-serve", "--redis-url"), file=sys.stderr)
+        return 2
     overrides = {k: _parse(k, v) for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
@@ -108,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                 supervisor = RedisSupervisor(embedded, settings.redis_restart_attempts).start()
             os.environ["FAIR_REDIS_URL"] = embedded.url
             print(
-                f"fair-serve: embedded Redis at {embedded.url}, data in {embedded.data_dir}", file=sys.stderr
+                f"fair-serve: embedded Redis at {redact_url(embedded.url)}, data in {embedded.data_dir}",
+                file=sys.stderr,
             )
+        else:
+            print(f"fair-serve: Redis at {redact_url(settings.redis_url)}", file=sys.stderr)
         if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             mp_dir = tempfile.mkdtemp(prefix="fair-prom-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from export.bundle import BundleError, resolve_bundle
 from model.data.benchmark import find_sequence_file
+from service.redact import flag_refusal, has_secret, redact_url
 
 BUNDLE_NAME = "demo"
 # A model small enough to learn in the demo's two minutes on 2 CPU cores (the default-size network managed
@@ -105,7 +106,7 @@ def cli_command(name: str, *args: str) -> list[str]:
 
 
 def run_step(name: str, args: list[str], env: dict[str, str]) -> None:
-    shown = " ".join([name, *args])
+    shown = " ".join([name, *(redact_url(a) if "://" in a else a for a in args)])
     print(f"fair-demo: $ {shown}", flush=True)
     started = time.monotonic()
     rc = subprocess.call(cli_command(name, *args), env=env)
@@ -217,11 +218,12 @@ def demo_user(paths: DemoPaths) -> str:
 
 
 def load(paths: DemoPaths, opts: argparse.Namespace) -> None:
-    """Put the demo users' histories into Redis (idempotent: each list is replaced)."""
-    args = ["--data", str(paths.data)]
+    """Put the demo users' histories into Redis (idempotent: each list is replaced). The URL goes to
+    the child in its environment, never on its command line (ps shows those)."""
+    env = child_env(paths.root)
     if opts.redis:
-        args += ["--redis", opts.redis]
-    run_step("fair-load-histories", args, child_env(paths.root))
+        env["FAIR_REDIS_URL"] = opts.redis
+    run_step("fair-load-histories", ["--data", str(paths.data)], env)
 
 
 def curl_example(host: str, port: int, user_id: str, k: int = 5) -> str:
@@ -355,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     redis_opt = argparse.ArgumentParser(add_help=False)
     redis_opt.add_argument(
         "--redis",
-        default=os.environ.get("FAIR_REDIS_URL"),
-        help="Redis URL [env FAIR_REDIS_URL]; unset: embedded",
+        default=None,
+        help="Redis URL without a password (one with credentials goes in the environment variable "
+        "FAIR_REDIS_URL: command lines are public); neither: embedded",
     )
     sub.add_parser("build", parents=[common], help="build or reuse the demo bundle; prints its path last")
     sub.add_parser(
@@ -375,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
+    if has_secret(getattr(opts, "redis", None)):
+        print(flag_refusal("fair-demo", "--redis"), file=sys.stderr)
+        return 2
+    if hasattr(opts, "redis"):
+        opts.redis = opts.redis or os.environ.get("FAIR_REDIS_URL") or None
     if opts.items < 1 or opts.users < 1 or opts.max_minutes <= 0 or opts.codebook_size < 2:
         print(
             "fair-demo: --items, --users must be >= 1, --max-minutes > 0, --codebook-size >= 2",

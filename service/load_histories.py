@@ -17,6 +17,7 @@ import sys
 from tqdm import tqdm
 
 from service.embedded_redis import EmbeddedRedis
+from service.redact import flag_refusal, has_secret, redact_url
 from service.redis_store import DEFAULT_PREFIX, REDIS_FAILURES, sync_client
 
 
@@ -29,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder or synthetic:... spec (as for fair-data)")
     p.add_argument(
         "--redis",
-        default=os.environ.get("FAIR_REDIS_URL"),
-        help="redis://, rediss:// or unix:// URL [env FAIR_REDIS_URL]; unset: the embedded Redis under --data-dir",
+        default=None,
+        help="redis://, rediss:// or unix:// URL WITHOUT a password (command lines are public: a URL with "
+        "credentials goes in the environment variable FAIR_REDIS_URL); neither: the embedded Redis under "
+        "--data-dir",
     )
     p.add_argument(
         "--cluster",
@@ -74,6 +77,10 @@ def load_histories(client, dataset, prefix: str, max_items: int, chunk: int, clu
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if has_secret(args.redis):
+        print(flag_refusal("fair-load-histories", "--redis"), file=sys.stderr)
+        return 2
+    url = args.redis or os.environ.get("FAIR_REDIS_URL") or None
     if args.max_items < 1 or args.chunk < 1:
         print("fair-load-histories: --max-items and --chunk must be >= 1", file=sys.stderr)
         return 2
@@ -86,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     embedded = None
     try:
-        url = args.redis
         if not url:
             embedded = EmbeddedRedis(args.data_dir).start()
             url = embedded.url
         client = sync_client(url, cluster=args.cluster)
         users = load_histories(client, dataset, args.prefix, args.max_items, args.chunk, args.cluster)
     except (*REDIS_FAILURES, RuntimeError) as exc:  # type: ignore[misc]  # mypy: a starred tuple of classes
-        print(f"fair-load-histories: redis {args.redis or '(embedded)'}: {exc}", file=sys.stderr)
+        where = redact_url(url) if url else "(embedded)"
+        print(f"fair-load-histories: redis {where}: {exc}", file=sys.stderr)
         return 1
     finally:
         if embedded is not None:
             embedded.stop()
-    where = args.redis or f"embedded Redis in {args.data_dir}"
+    where = redact_url(url) if embedded is None else f"embedded Redis in {args.data_dir}"
     print(f"loaded {users} user histories from {args.data} into {where} (prefix {args.prefix!r})")
     return 0
 
