@@ -1,6 +1,7 @@
 """Kubernetes manifests: core kinds validate against the official schemas (kubernetes-validate,
 offline, strict: unknown fields are errors); the Prometheus Operator CRDs and the kustomization,
-which those schemas do not cover, are checked field by field here."""
+which those schemas do not cover, are checked field by field here; and what the issue 24 review asked
+for: secrets only from Secrets, NetworkPolicies, hardened pods without service-account tokens."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_every_kind_is_expected():
         "Kustomization Namespace ConfigMap PersistentVolumeClaim Deployment Service HorizontalPodAutoscaler "
     )
     stack += "PodDisruptionBudget ServiceMonitor PrometheusRule"
-    training = "Service PersistentVolumeClaim Job"
+    stack += " NetworkPolicy NetworkPolicy NetworkPolicy"
+    training = "Service PersistentVolumeClaim Job NetworkPolicy"
     assert kinds == sorted(f"{stack} {training}".split())
 
 
@@ -84,8 +86,124 @@ def test_deployment_probes_resources_drain_bundles_and_secret():
     settings = config["data"]
     assert settings["FAIR_PORT"] == str(port)
     assert settings["FAIR_BUNDLE"].startswith(mounts["bundles"]["mountPath"] + "/")
-    assert settings["FAIR_REDIS_URL"].startswith("redis")
     assert all(k.startswith("FAIR_") for k in settings)
+
+
+# ---- secrets and exposure (issue 24.5, 24.6) ---------------------------------------------------------------
+
+SECRETS = {  # environment variable -> (Secret, key), none optional
+    "FAIR_ADMIN_TOKEN": ("fair-admin", "token"),
+    "FAIR_API_TOKENS": ("fair-api-tokens", "tokens"),
+    "FAIR_REDIS_URL": ("fair-redis", "url"),
+}
+
+
+def api_pod() -> dict:
+    return by_kind("Deployment")["spec"]["template"]["spec"]
+
+
+def job_pod() -> dict:
+    return by_kind("Job")["spec"]["template"]["spec"]
+
+
+def test_secrets_come_from_secrets_and_never_from_the_configmap():
+    (c,) = api_pod()["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    for var, (secret, key) in SECRETS.items():
+        assert "value" not in env[var], var
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret, "key": key}, var  # not optional: a missing Secret stops the pod
+    settings = by_kind("ConfigMap")["data"]
+    assert not set(SECRETS) & set(settings)
+    assert not any("://" in v or "@" in v for v in settings.values())
+    # no Secret with a value ships in the repository: a default secret is no secret
+    assert not [d for _, d in documents() if d["kind"] == "Secret"]
+
+
+def test_no_pod_gets_a_service_account_token():
+    assert api_pod()["automountServiceAccountToken"] is False
+    assert job_pod()["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("which", ["api", "job"])
+def test_pods_are_hardened(which):
+    pod = api_pod() if which == "api" else job_pod()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]  # the one place every program may write
+
+
+def test_training_job_has_a_writable_home_and_cache_on_a_read_only_root():
+    (c,) = job_pod()["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in job_pod()["volumes"]}
+    assert "emptyDir" in volumes[mounts[env["HOME"]]]
+    assert env["FAIR_CACHE_DIR"].startswith("/training/")  # the training volume, reused across runs
+
+
+def _policies() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for _, d in documents() if d["kind"] == "NetworkPolicy"}
+
+
+def test_the_namespace_denies_ingress_by_default():
+    kust = by_kind("Kustomization")
+    assert "networkpolicy.yaml" in kust["resources"]
+    deny = _policies()["default-deny-ingress"]
+    assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
+    assert "ingress" not in deny["spec"]
+
+
+def test_the_api_admits_only_the_gateway_and_prometheus_on_its_port():
+    policy = _policies()["fair-api"]["spec"]
+    labels = by_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    (port,) = api_pod()["containers"][0]["ports"]
+    peers = []
+    for rule in policy["ingress"]:
+        assert [p["port"] for p in rule["ports"]] in ([port["name"]], [port["containerPort"]])
+        (peer,) = rule["from"]
+        assert "ipBlock" not in peer
+        # a namespace selector that matches nothing by accident: {} would admit every namespace
+        assert peer["namespaceSelector"]["matchLabels"], peer
+        peers.append(peer)
+    gateway, prometheus = peers
+    assert gateway["namespaceSelector"]["matchLabels"] == {"fair-rec/access": "gateway"}
+    assert prometheus["namespaceSelector"]["matchLabels"] == {"fair-rec/access": "monitoring"}
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    # the ServiceMonitor scrapes that same port
+    svc = by_kind("Service", "fair-api")
+    (sm_endpoint,) = by_kind("ServiceMonitor")["spec"]["endpoints"]
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == sm_endpoint["port"]]
+    assert svc_port["targetPort"] == port["name"]
+
+
+def test_redis_admits_only_its_clients():
+    policy = _policies()["fair-redis"]["spec"]
+    clients, peers = policy["ingress"]
+    (expr,) = clients["from"][0]["podSelector"]["matchExpressions"]
+    assert "fair-api" in expr["values"] and "namespaceSelector" not in clients["from"][0]
+    assert clients["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert peers["from"] == [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]
+
+
+def test_the_training_rendezvous_is_open_only_to_the_jobs_own_pods():
+    policy = _policies()["fair-train"]["spec"]
+    pod_labels = by_kind("Job")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [{"podSelector": policy["podSelector"]}]  # same namespace, same Job
+    # the API pods are not training pods
+    api_labels = by_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not policy["podSelector"]["matchLabels"].items() <= api_labels.items()
 
 
 def test_service_hpa_pdb_select_the_deployment():
