@@ -40,7 +40,8 @@ tools:
 # The container stack started for real (not part of `make test`, needs root or passwordless sudo):
 # installs and starts a Docker engine when missing, builds every image from a Debian mirror and PyPI
 # (no image registry; deploy/offline/), runs `docker compose up` with docker-compose.offline.yml and
-# checks it through HTTP. STACK_TEST_ARGS=--keep leaves it running; see --help.
+# checks it through HTTP. The compose file has no default secrets: the script passes FAIR_ADMIN_TOKEN and
+# GRAFANA_ADMIN_PASSWORD from the environment, or random ones. STACK_TEST_ARGS=--keep leaves it running; see --help.
 stack-test: install
 	$(BIN)/python deploy/offline/stack_test.py $(STACK_TEST_ARGS)
 

@@ -4,7 +4,9 @@ Builds the images without any image registry (deploy/offline/build-base-images.s
 docker-compose.offline.yml override), starts `docker compose up` (or Debian's `docker-compose` v1),
 and checks what a user of the stack relies on: the bootstrap finished, the API recommends from the
 demo bundle and sees new events, Prometheus scrapes it, the API runs as uid 10001 and is healthy,
-and `down` + `up` keeps the Redis data and the bundle without training again. Prints the wall time
+and `down` + `up` keeps the Redis data and the bundle without training again. docker-compose.yml has no
+default secrets: FAIR_ADMIN_TOKEN and GRAFANA_ADMIN_PASSWORD are taken from the environment, or random
+ones are generated for the run (and the admin routes and Grafana's login are checked with them). Prints the wall time
 of every phase and a PASS/FAIL line per check; exits 1 when any check failed.
 
 Not part of `make test`: it needs root (or passwordless sudo) to install and start a Docker engine,
@@ -14,11 +16,13 @@ several GB of disk, and 10-20 minutes on 2 cores. Runs with the project's .venv 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import http.server as http_server
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -273,9 +277,13 @@ def serve_directory(directory: Path) -> tuple[http_server.ThreadingHTTPServer, s
 # ---- talking to the stack -------------------------------------------------------------------------------
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict | str]:
+def http(
+    method: str, url: str, body: dict | None = None, timeout: float = 10.0, headers: dict | None = None
+) -> tuple[int, dict | str]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -434,6 +442,26 @@ def check_api(stack: Stack, api: str, report: Report, k: int) -> dict:
     }
 
 
+def check_admin(api: str, token: str, report: Report) -> None:
+    """The admin routes take the token the stack was started with, and nothing else."""
+    status, _ = http("GET", f"{api}/admin/model", headers={"Authorization": f"Bearer {token}"})
+    without, _ = http("GET", f"{api}/admin/model")
+    wrong, _ = http("GET", f"{api}/admin/model", headers={"Authorization": "Bearer " + "x" * 32})
+    report.check(
+        "GET /admin/model: 200 with FAIR_ADMIN_TOKEN, 401 without it or with another",
+        status == 200 and without == 401 and wrong == 401,
+        f"with {status}, without {without}, other {wrong}",
+    )
+
+
+def stack_secrets(environ: dict[str, str]) -> dict[str, str]:
+    """The secrets docker-compose.yml requires (it has no defaults): the caller's, else random ones."""
+    return {
+        name: environ.get(name) or secrets.token_hex(nbytes)
+        for name, nbytes in (("FAIR_ADMIN_TOKEN", 32), ("GRAFANA_ADMIN_PASSWORD", 16))
+    }
+
+
 def check_container(stack: Stack, report: Report) -> None:
     uid = stack.exec("api", "id", "-u").strip()
     report.check("api container runs as uid 10001", uid == API_UID, f"id -u = {uid}")
@@ -565,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             FAIR_API_PORT=str(api_port),
             PROMETHEUS_PORT=str(prom_port),
             GRAFANA_PORT=str(free_port()),
+            # compose refuses to start without these (no default secrets); random ones for this run
+            **stack_secrets(os.environ),
             # BuildKit builds only the stages a target needs. The legacy builder runs every stage before
             # the target: for `runtime` (the last stage) that is the train stage and the GPU stage, whose
             # nvidia/cuda base no registry-less machine has. compose v1 gets BuildKit through the CLI.
@@ -585,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         with report.phase("checks: API, container, Prometheus"):
             before = check_api(stack, api, report, opts.k)
             check_container(stack, report)
+            check_admin(api, env["FAIR_ADMIN_TOKEN"], report)
             check_prometheus(api, prom, report, opts.k)
         with report.phase("down, then up again (volumes kept)"):
             stack("down")
@@ -612,6 +643,16 @@ def main(argv: list[str] | None = None) -> int:
                     3,
                 )
                 report.check("Grafana answers /api/health", bool(ok))
+                # no anonymous access; the admin password is the one generated above
+                base = f"http://127.0.0.1:{port}/api/search"
+                anonymous, _ = http("GET", base)
+                auth = "Basic " + base64.b64encode(f"admin:{env['GRAFANA_ADMIN_PASSWORD']}".encode()).decode()
+                admin, _ = http("GET", base, headers={"Authorization": auth})
+                report.check(
+                    "Grafana: anonymous /api/search is 401, the admin password works",
+                    anonymous == 401 and admin == 200,
+                    f"anonymous {anonymous}, admin {admin}",
+                )
     except StackError as exc:
         report.check("stack run completed", False, str(exc).splitlines()[0])
         print(f"\nstack_test.py: {exc}", file=sys.stderr, flush=True)

@@ -1,9 +1,13 @@
-"""docker-compose.yml: the local stack's services, health checks, start order and volumes.
+"""docker-compose.yml: the local stack's services, health checks, start order and volumes, and its
+secrets: none has a default, `up` refuses to start without them (issue 24.6).
 
 No Docker engine runs here, so the file is checked as data: what `docker compose up` would do.
 """
 
 from __future__ import annotations
+
+import re
+import sys
 
 import yaml
 from deploy_support import DEPLOY, REPO
@@ -56,7 +60,9 @@ def test_bootstrap_is_one_shot_and_builds_into_the_shared_bundle_volume():
     assert cmd[:2] == ["fair-demo", "load"]
     bundles_mount = named_volumes_of(boot)["bundles"]
     assert cmd[cmd.index("--bundles") + 1] == bundles_mount
-    assert cmd[cmd.index("--redis") + 1] == "redis://redis:6379/0"
+    # the Redis URL in the environment, never on the command line (ps shows those: issue 24.5)
+    assert "--redis" not in cmd and not any("redis://" in arg for arg in cmd)
+    assert env_of(boot)["FAIR_REDIS_URL"] == "redis://redis:6379/0"
     assert boot["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
@@ -126,3 +132,102 @@ def test_every_named_volume_is_declared():
     compose = load_compose()
     used = {name for svc in compose["services"].values() for name in named_volumes_of(svc)}
     assert used <= set(compose["volumes"])
+
+
+# ---- secrets (issue 24.6) ---------------------------------------------------------------------------------
+
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|PASSWD|_KEY$", re.IGNORECASE)
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
+INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(value: str, environ: dict[str, str]) -> str:
+    """What Compose makes of a value (its documented rules), raising like `up` does for `:?`."""
+
+    def one(m: re.Match) -> str:
+        var, op, arg = m.group("var"), m.group("op"), m.group("arg")
+        have = environ.get(var)
+        if op == ":?" and not have or op == "?" and have is None:
+            raise ValueError(f"required variable {var} is missing a value: {arg}")
+        if op == ":-" and not have or op == "-" and have is None:
+            return arg
+        return have or ""
+
+    return INTERPOLATION.sub(one, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def secret_settings() -> list[tuple[str, str, str]]:
+    """(service, variable, raw value) of every environment entry whose name says it is a secret."""
+    return [
+        (name, key, value)
+        for name, svc in load_compose()["services"].items()
+        for key, value in env_of(svc).items()
+        if SECRET_NAME.search(key)
+    ]
+
+
+def test_the_interpolation_model_follows_compose():
+    assert interpolate("${A:-x}", {}) == "x" and interpolate("${A:-x}", {"A": "y"}) == "y"
+    assert interpolate("a$$b", {}) == "a$b"
+    try:
+        interpolate("${A:?say why}", {"A": ""})
+    except ValueError as exc:
+        assert "A" in str(exc) and "say why" in str(exc)
+    else:
+        raise AssertionError("an empty required variable must refuse")
+
+
+def test_no_secret_has_a_default():
+    found = secret_settings()
+    names = {key for _, key, _ in found}
+    assert {"FAIR_ADMIN_TOKEN", "GF_SECURITY_ADMIN_PASSWORD", "FAIR_API_TOKENS"} <= names
+    for service, key, value in found:
+        # nothing but one interpolation: no literal secret, no `:-default`
+        m = INTERPOLATION.fullmatch(value)
+        assert m is not None, f"{service}.{key} = {value!r}: a secret must come from the environment"
+        if key == "FAIR_API_TOKENS":  # optional: empty means an open data plane on the loopback-only stack
+            assert m.group("op") == ":-" and m.group("arg") == "", f"{service}.{key}"
+        else:
+            assert m.group("op") == ":?", f"{service}.{key} = {value!r}: must be required (${{VAR:?message}})"
+
+
+def test_up_refuses_to_start_without_the_secrets_and_says_which():
+    for service, key, value in secret_settings():
+        if key == "FAIR_API_TOKENS":
+            continue
+        var = INTERPOLATION.fullmatch(value).group("var")
+        for environ in ({}, {var: ""}):
+            try:
+                interpolate(value, environ)
+            except ValueError as exc:
+                message = str(exc)
+            else:
+                raise AssertionError(f"{service}.{key}: starts without {var}")
+            assert var in message and "openssl rand" in message and "docs/operations.md" in message
+        assert interpolate(value, {var: "a-random-secret-value"}) == "a-random-secret-value"
+
+
+def test_grafana_has_no_anonymous_access_and_no_sign_up():
+    env = env_of(load_compose()["services"]["grafana"])
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+    assert INTERPOLATION.fullmatch(env["GF_SECURITY_ADMIN_PASSWORD"]).group("var") == "GRAFANA_ADMIN_PASSWORD"
+
+
+def test_the_stack_test_passes_the_secrets_compose_requires():
+    sys.path.insert(0, str(DEPLOY / "offline"))
+    try:
+        from stack_test import stack_secrets
+    finally:
+        sys.path.pop(0)
+    required = {
+        INTERPOLATION.fullmatch(value).group("var")
+        for _, key, value in secret_settings()
+        if key != "FAIR_API_TOKENS"
+    }
+    generated = stack_secrets({})
+    assert set(generated) == required
+    assert all(len(v) >= 16 for v in generated.values())  # FAIR_ADMIN_TOKEN's minimum length
+    assert stack_secrets({}) != generated  # random, not a default in disguise
+    assert stack_secrets({"FAIR_ADMIN_TOKEN": "mine-" + "x" * 20})["FAIR_ADMIN_TOKEN"] == "mine-" + "x" * 20

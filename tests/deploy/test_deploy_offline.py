@@ -117,9 +117,15 @@ def test_bootstrap_once_reuses_the_load_options_for_build():
         from bootstrap_once import split_command
     finally:
         sys.path.pop(0)
-    cmd = load("docker-compose.yml")["services"]["bootstrap"]["command"]
-    url, build = split_command(cmd)
+    boot = load("docker-compose.yml")["services"]["bootstrap"]
+    cmd, env = boot["command"], boot["environment"]
+    url, build = split_command(cmd, env)  # the URL comes from the environment (issue 24.5)
     assert url == "redis://redis:6379/0"
     assert build == ["fair-demo", "build", "--dir", "/var/lib/fair/demo", "--bundles", "/bundles"]
+    # an explicit --redis (password-less) still wins and is dropped from the build command
+    url, build = split_command(["fair-demo", "load", "--redis", "redis://x:6379/0", "--dir", "d"], {})
+    assert url == "redis://x:6379/0" and build == ["fair-demo", "build", "--dir", "d"]
     with pytest.raises(ValueError):
-        split_command(["fair-demo", "run", "--redis", "redis://x"])
+        split_command(["fair-demo", "run", "--redis", "redis://x"], {})
+    with pytest.raises(ValueError, match="FAIR_REDIS_URL"):
+        split_command(["fair-demo", "load", "--dir", "d"], {})
