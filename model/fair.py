@@ -439,6 +439,7 @@ class FAIR(nn.Module):
         plain: bool = False,
         items: torch.Tensor | None = None,  # [B,N] int64 item indices (-1: unknown), item-ID models only
         last_only: bool = False,
+        id_inputs: torch.Tensor | None = None,  # [B,N,D] float: the items' ID inputs, instead of items
     ) -> FAIROutput:
         """Logits for the next item's L codes at every item boundary (+ history representation).
 
@@ -447,6 +448,11 @@ class FAIR(nn.Module):
         keeps only the newest boundary (``logits`` [B,1,L,V], ``history`` [B,1,D]): serving needs no
         other, so the heads and the last block's queries and MLP run for the newest position alone
         (the heads at every boundary were ~28% of the exported graph's time).
+
+        ``id_inputs`` replaces ``items`` for item-ID models: the vector each history item adds to its
+        tokens, gathered outside the network. In eval mode ``id_input(items)`` is, row by row,
+        ``id_vectors()[items]`` for known items and 0 for unknown/padding (-1), so the exported graph
+        takes those rows and holds no [I, D] table (bundle schema 4: the runtime gathers them).
         """
         cfg = self.cfg
         B, N, L = codes.shape
@@ -463,9 +469,11 @@ class FAIR(nn.Module):
                 + self.pos_emb(pos)[:, None, :]  # [N,1,D]
             )
         if self.item_emb is not None:
-            if items is None:
-                raise ValueError("this model has item-ID embeddings (item_ids = true): pass items")
-            ids = self.id_input(items)  # [B,N,D]
+            if id_inputs is None and items is None:
+                raise ValueError(
+                    "this model has item-ID embeddings (item_ids = true): pass items (or id_inputs)"
+                )
+            ids = self.id_input(items) if id_inputs is None else id_inputs  # [B,N,D]
             x = x + (ids if P == 1 else ids[:, :, None, :])  # the item's ID joins each of its tokens
         x = x.reshape(B, N * P, D)
         key_real = item_mask[:, :, None].expand(B, N, P).reshape(B, N * P)  # [B,T]

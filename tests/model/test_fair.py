@@ -293,6 +293,30 @@ def test_item_text_joins_the_id_part_of_every_known_item_on_input_and_output():
     assert not any("text" in k for k in FAIR(FAIRConfig(num_items=40)).state_dict())
 
 
+@pytest.mark.parametrize("item_tokens, item_text", [("item", False), ("codes", False), ("item", True)])
+def test_gathered_id_inputs_give_what_the_items_give(item_tokens, item_text):
+    """The exported graph's input (bundle schema 4): in eval mode ``id_input(items)`` is row by row
+    ``id_vectors()[items]`` for known items and 0 for unknown/padding, so ``forward`` with those rows as
+    ``id_inputs`` equals ``forward`` with the item indices (cold items and their text part included)."""
+    torch.manual_seed(0)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, num_items=40,
+                     item_tokens=item_tokens, item_text=item_text, text_dim=6 if item_text else 0)  # fmt: skip
+    model = FAIR(cfg).eval()
+    with torch.no_grad():
+        model.item_trained[::3] = False
+        if item_text:
+            model.item_text.normal_()
+        codes, mask = _inputs()
+        items = _items(mask)
+        items[2, 1] = -1  # an unknown item inside a real history
+        rows = model.id_vectors()[items.clamp(min=0)] * (items >= 0)[..., None]  # [B,N,D]
+        torch.testing.assert_close(model.id_input(items), rows)
+        want = model(codes, mask, items=items, plain=True, last_only=True)
+        got = model(codes, mask, id_inputs=rows, plain=True, last_only=True)
+        torch.testing.assert_close(got.history, want.history, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_item_id_model_needs_items():
     model = _id_model()
     codes, mask = _inputs()
