@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.bench_beam_search import synthetic_codes  # noqa: E402
 from export.exporter import export_bundle, load_sources  # noqa: E402
+from export.onnx_export import item_input_table  # noqa: E402
 from export.quantize import quantize_int8  # noqa: E402
 from export.verify import (  # noqa: E402
     compare,
@@ -47,7 +48,7 @@ from export.verify import (  # noqa: E402
     torch_fn,
 )
 from model.fair import FAIR, FAIRConfig  # noqa: E402
-from model.search.inputs import INPUT_NAMES, histories_to_inputs  # noqa: E402
+from model.search.inputs import graph_feeds, histories_to_inputs  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
 from model.train.checkpoint import save_checkpoint  # noqa: E402
 
@@ -101,7 +102,8 @@ def latency_rows(fp32: Path, int8: Path, model: FAIR, table, history: int, repea
         for batch in (1, 32):
             hist = [rng.choice(table.num_items, size=history, replace=False) for _ in range(batch)]
             inputs = histories_to_inputs(hist, table.codes, history)
-            feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
+            names = [i.name for i in sessions["onnxruntime fp32"].get_inputs()]
+            feeds = graph_feeds(inputs, names, item_input_table(model))  # as the service feeds it
             engines = {name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()}
             tc, ti, tm = (torch.from_numpy(a) for a in inputs)
 
@@ -132,7 +134,7 @@ def quality(run: Path, data: Path, out: Path) -> dict:
     for precision in ("fp32", "int8"):
         bundle = export_bundle(src, out, name=f"quality-{precision}", precision=precision, evaluate=False)
         t0 = time.perf_counter()
-        fn = onnx_fn(ort_session(bundle.path / "model.onnx"))
+        fn = onnx_fn(ort_session(bundle.path / "model.onnx"), item_input_table(src.model))
         report = offline_metrics(fn, src.table, src.trie, split.histories, split.targets, src.max_history)
         result[precision] = report | {"seconds": round(time.perf_counter() - t0, 1)}
         print(f"  {precision}: {report}", file=sys.stderr)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         results["int8_quantize_seconds"] = round(time.perf_counter() - t0, 2)
         report = compare(
             torch_fn(src.model),
-            onnx_fn(ort_session(int8)),
+            onnx_fn(ort_session(int8), item_input_table(src.model)),
             src.table,
             src.trie,
             synthetic_histories(src.table.num_items, args.history),

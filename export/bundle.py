@@ -4,8 +4,12 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
 
     BUNDLE_ROOT/NAME/VERSION/        VERSION a positive integer; the service takes the newest or a pinned one
         manifest.json                what is in the bundle, where it came from, sha256 of every other file
-        model.onnx                   codes [B, N, L] int64 + items [B, N] int64 + item_mask [B, N] bool
-                                     -> history [B, D] float32 (the state the item score is affine in)
+        model.onnx                   codes [B, N, L] int64 (+ item_inputs [B, N, D] float32, item-ID models)
+                                     + item_mask [B, N] bool -> history [B, D] float32 (the state the
+                                     item score is affine in); no catalog-sized tensor inside
+        item_inputs.npy              item-ID models only: [I, D] float32, the input vector of every item
+                                     (FAIR.id_vectors), from which the runtime gathers item_inputs
+                                     (model.search.inputs.graph_feeds; 0 for padding/unknown items)
         semantic_ids.npz             SemanticIdTable (item catalog ids + code tuples)
         item_table.npy               the folded item score: score(i) = history . table[i] + bias[i],
         item_bias.npy                [I, D] / [I] float32 (model.search.folded, export.fold)
@@ -18,8 +22,9 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
                                      faiss.read_index after its checksum; its parameters are the
                                      manifest's search.index
 
-Schema 2 bundles (model.onnx -> code_scores + query, item_scores.npz with the unfolded catalog side)
-are still read and served (``ItemScorer``). numpy + json + hashlib (+ faiss, for an ann index) only:
+Schema 3 bundles (the same, but model.onnx takes the item indices, items [B, N] int64, and holds the
+[I, D] ID tables itself; no item_inputs.npy) and schema 2 bundles (model.onnx -> code_scores + query,
+item_scores.npz with the unfolded catalog side) are still read and served (``ItemScorer``). numpy + json + hashlib (+ faiss, for an ann index) only:
 the service reads bundles and must never import torch. A bundle is built
 in a hidden temporary directory next to its final place and renamed in one step, so a reader never
 sees a half-written version and a failed export leaves nothing behind.
@@ -41,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from model.search.folded import CodeHeads, FoldedScorer
+from model.search.inputs import CODE_INPUTS, ITEM_INDEX_INPUTS, ITEM_VECTOR_INPUTS
 from model.search.item_scores import ItemScorer, Scorer
 from model.search.modes.ann import attach_index
 from model.search.modes.base import SearchConfigError, SearchMode
@@ -48,21 +54,26 @@ from model.search.modes.registry import manifest_schema, mode_from_manifest
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
-# 3: the model outputs history [B, D]; the item score ships folded (item_table.npy + item_bias.npy) with the
-# code heads (code_heads.npz). 2 (still read): the model outputs code_scores + query, item_scores.npz holds
-# the unfolded catalog side. Schema 1 bundles (per-level log_probs) are refused with a message to re-export.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (2, 3)
+# 4: as 3, but the graph of an item-ID model takes item_inputs [B, N, D] (gathered by the runtime from
+# item_inputs.npy) instead of the item indices, so it holds no catalog-sized table. 3 (still read): the
+# model takes items [B, N] and outputs history [B, D]; the item score ships folded (item_table.npy +
+# item_bias.npy) with the code heads (code_heads.npz). 2 (still read): the model outputs code_scores +
+# query, item_scores.npz holds the unfolded catalog side. Schema 1 bundles (per-level log_probs) are
+# refused with a message to re-export.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 SEMANTIC_IDS_FILE = "semantic_ids.npz"
+ITEM_INPUTS_FILE = "item_inputs.npy"  # schema 4, item-ID models only (graph input item_inputs)
+ITEM_INPUTS_INPUT = "item_inputs"  # the graph input (and manifest "inputs" entry) it feeds
 ITEM_TABLE_FILE = "item_table.npy"
 ITEM_BIAS_FILE = "item_bias.npy"
 CODE_HEADS_FILE = "code_heads.npz"
 ITEM_SCORES_FILE = "item_scores.npz"  # schema 2
 TRIE_FILE = "trie.npz"
 POPULAR_FILE = "popular.npy"
-ANN_INDEX_FILE = "ann_index.faiss"  # schema 3, search mode ann only
+ANN_INDEX_FILE = "ann_index.faiss"  # schema 3/4, search mode ann only
 ANN_MODE = "ann"
 _SCHEMA_FILES = {
     2: (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE),
@@ -76,7 +87,8 @@ _SCHEMA_FILES = {
         POPULAR_FILE,
     ),
 }
-BUNDLE_FILES = _SCHEMA_FILES[SCHEMA_VERSION]  # what fair-export writes
+_SCHEMA_FILES[4] = _SCHEMA_FILES[3]  # + item_inputs.npy for a graph with an item_inputs input
+BUNDLE_FILES = _SCHEMA_FILES[SCHEMA_VERSION]  # what every bundle fair-export writes holds
 
 
 def bundle_files(schema: int) -> tuple[str, ...]:
@@ -84,9 +96,27 @@ def bundle_files(schema: int) -> tuple[str, ...]:
     return _SCHEMA_FILES[schema]
 
 
+def manifest_input_names(manifest: Mapping) -> tuple[str, ...]:
+    """The graph inputs the manifest lists (its ``inputs`` entries' names; malformed entries skipped)."""
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, list):
+        return ()
+    return tuple(str(i["name"]) for i in inputs if isinstance(i, Mapping) and "name" in i)
+
+
+def takes_item_inputs(manifest: Mapping) -> bool:
+    """Whether the bundle's graph takes gathered ``item_inputs`` (schema 4, item-ID models): then
+    ``item_inputs.npy`` is part of the bundle."""
+    schema = manifest.get("schema_version", SCHEMA_VERSION)
+    return schema == 4 and ITEM_INPUTS_INPUT in manifest_input_names(manifest)
+
+
 def required_files(manifest: Mapping) -> tuple[str, ...]:
-    """The files this manifest's bundle must hold: its layout's, plus the index of an ``ann`` search."""
+    """The files this manifest's bundle must hold: its layout's, plus ``item_inputs.npy`` for a graph
+    that takes item input vectors, plus the index of an ``ann`` search."""
     files = bundle_files(manifest.get("schema_version", SCHEMA_VERSION))
+    if takes_item_inputs(manifest):
+        files = (*files, ITEM_INPUTS_FILE)
     search = manifest.get("search")
     if isinstance(search, Mapping) and search.get("mode") == ANN_MODE:
         files = (*files, ANN_INDEX_FILE)
@@ -278,8 +308,11 @@ class LoadedBundle:
     table: SemanticIdTable
     trie: CodeTrie
     popular: np.ndarray  # [P] int64 item indices, most popular first
-    scorer: Scorer  # the catalog side of the item score: FoldedScorer (schema 3) or ItemScorer (schema 2)
+    scorer: Scorer  # the catalog side of the item score: FoldedScorer (schema 3/4) or ItemScorer (schema 2)
     search: SearchMode  # the manifest's search, configured (how the service ranks)
+    # [I, D] float32 input vector of every item (item_inputs.npy): what the graph's item_inputs gathers;
+    # None when the graph takes no item_inputs (schema 2/3, or a model without item IDs)
+    item_inputs: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -300,6 +333,14 @@ class LoadedBundle:
     @property
     def schema_version(self) -> int:
         return int(self.manifest["schema_version"])
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's inputs (``model.search.inputs.GRAPH_INPUTS``): schema 2/3 ``codes, items,
+        item_mask``; schema 4 ``codes, item_inputs, item_mask`` or, without item IDs, ``codes, item_mask``."""
+        if self.schema_version < 4:
+            return ITEM_INDEX_INPUTS
+        return ITEM_VECTOR_INPUTS if self.item_inputs is not None else CODE_INPUTS
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -354,8 +395,13 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         scorer = load_folded(bundle_dir, table)
     if ANN_INDEX_FILE in required_files(manifest):
         if not isinstance(scorer, FoldedScorer):
-            raise BundleError(f"{bundle_dir}: search mode ann needs a schema 3 bundle (the folded table)")
+            raise BundleError(
+                f"{bundle_dir}: search mode ann needs a schema 3 or 4 bundle (the folded table)"
+            )
         load_ann_index(bundle_dir / ANN_INDEX_FILE, scorer)
+    item_inputs = None
+    if takes_item_inputs(manifest):
+        item_inputs = load_item_inputs(bundle_dir / ITEM_INPUTS_FILE, table.num_items, _model_width(manifest))
     return LoadedBundle(
         dir=bundle_dir,
         manifest=manifest,
@@ -365,7 +411,43 @@ def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | Non
         popular=popular,
         scorer=scorer,
         search=mode_from_manifest(manifest["search"]),
+        item_inputs=item_inputs,
     )
+
+
+def _model_width(manifest: Mapping) -> int | None:
+    """D of the graph's ``item_inputs`` input as the manifest lists it (None when it does not say)."""
+    for entry in manifest.get("inputs") or ():
+        if isinstance(entry, Mapping) and entry.get("name") == ITEM_INPUTS_INPUT:
+            shape = entry.get("shape")
+            if isinstance(shape, list) and len(shape) == 3 and isinstance(shape[2], int):
+                return shape[2]
+    return None
+
+
+def save_item_inputs(item_inputs: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``item_inputs.npy`` ([I, D] float32, ``export.onnx_export.item_input_table``)."""
+    path = Path(path)
+    np.save(path, np.ascontiguousarray(item_inputs, dtype=np.float32))
+    return path
+
+
+def load_item_inputs(path: Path, num_items: int, width: int | None = None) -> np.ndarray:
+    """Read a schema 4 ``item_inputs.npy`` (as ``item_table.npy`` is read): finite float32 ``[I, D]``
+    with a row per catalog item (and ``D == width``, the graph's, when given); else a ``BundleError``."""
+    try:
+        item_inputs = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
+    if item_inputs.ndim != 2 or item_inputs.shape[0] != num_items:
+        raise BundleError(f"{path}: item inputs {item_inputs.shape} do not fit {num_items} catalog items")
+    if width is not None and item_inputs.shape[1] != width:
+        raise BundleError(
+            f"{path}: item inputs are {item_inputs.shape[1]} wide, the graph's item_inputs {width}"
+        )
+    if item_inputs.dtype != np.float32 or not np.isfinite(item_inputs).all():
+        raise BundleError(f"{path}: must hold finite float32 values, got {item_inputs.dtype}")
+    return item_inputs
 
 
 def save_item_scores(scorer: ItemScorer, trained: np.ndarray, path: str | os.PathLike) -> Path:
@@ -415,7 +497,7 @@ def save_folded(scorer: FoldedScorer, bundle_dir: str | os.PathLike) -> None:
 
 
 def load_folded(bundle_dir: str | os.PathLike, table: SemanticIdTable) -> FoldedScorer:
-    """Read the folded item score of a schema 3 bundle against its catalog; any problem (unreadable,
+    """Read the folded item score of a schema 3/4 bundle against its catalog; any problem (unreadable,
     wrong shape or dtype, not finite, not fitting the catalog's items and levels) is a ``BundleError``."""
     bundle_dir = Path(bundle_dir)
     arrays = {}

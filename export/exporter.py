@@ -23,8 +23,10 @@ import torch
 from export import __version__
 from export.bundle import (
     ANN_INDEX_FILE,
+    ITEM_INPUTS_FILE,
     MODEL_FILE,
     POPULAR_FILE,
+    SCHEMA_VERSION,
     SEMANTIC_IDS_FILE,
     TRIE_FILE,
     BundleError,
@@ -33,6 +35,7 @@ from export.bundle import (
     load_popular,
     save_ann_index,
     save_folded,
+    save_item_inputs,
     save_trie,
     sha256_file,
     utc_now,
@@ -43,8 +46,11 @@ from export.onnx_export import (
     ExportError,
     check_exportable,
     check_opset,
+    check_schema,
     export_onnx,
+    graph_input_names,
     io_spec,
+    item_input_table,
 )
 from export.quantize import convert_fp16, quantize_int8
 from export.search_choice import MEASURE_ABOVE_ITEMS, SearchChoice, choose
@@ -258,6 +264,7 @@ def export_bundle(
     max_abs_diff: float | None = None,
     min_topk_agreement: float | None = None,
     evaluate: bool | None = None,
+    schema: int = SCHEMA_VERSION,
 ) -> ExportResult:
     """Write ``out/name/VERSION`` from ``src``; see the module docstring for the guarantees.
 
@@ -265,7 +272,9 @@ def export_bundle(
     (by default they apply to fp32 only). ``evaluate`` (default: for fp16/int8 when ``src`` has a
     dataset) records the bundle's own offline test metrics in the manifest. ``search`` (a registered
     mode or auto) configured by ``search_settings`` (mode parameters by name, e.g. ``candidates``) is
-    recorded in the manifest with every setting: how the service ranks with this bundle.
+    recorded in the manifest with every setting: how the service ranks with this bundle. ``schema``
+    (not a CLI option): 4, or 3 for a bundle of the older layout (graph input ``items``, the ID tables in
+    the graph) as bundles exported before schema 4 are, which the service still reads.
     """
     start = time.perf_counter()
     model_dir = Path(out) / name
@@ -279,12 +288,16 @@ def export_bundle(
         raise ExportFailed("offline metrics need the run's data: pass --data DIR")
     try:
         check_opset(opset)  # before anything is written or traced
+        check_schema(schema)
     except ExportError as exc:
         raise ExportFailed(str(exc)) from exc
     mode = choose_search(src.table.num_items, search, search_settings)
     codes = np.asarray(src.table.codes, dtype=np.int64)
     reference = item_scorer(src.model, src.table)  # PyTorch's item score, unfolded: what must be matched
     folded = fold_item_scores(src.model, codes)
+    # schema 4, item-ID models: the [I, D] item input vectors the runtime gathers (item_inputs.npy)
+    gathered = "item_inputs" in graph_input_names(src.model.cfg, schema)
+    item_inputs = item_input_table(src.model) if gathered else None
     histories, origin = _histories(src, users)
     try:
         with (
@@ -301,13 +314,14 @@ def export_bundle(
             fp32_path = Path(work) / "model.fp32.onnx"
             _log(f"exporting {src.checkpoint_path} (opset {opset}) ...")
             t0 = time.perf_counter()
-            export_onnx(src.model, fp32_path, opset, metadata={"fair.sid_sha256": src.table.sha256()})
+            metadata = {"fair.sid_sha256": src.table.sha256()}
+            export_onnx(src.model, fp32_path, opset, metadata=metadata, schema=schema)
             export_seconds = time.perf_counter() - t0
             _log(f"exported in {export_seconds:.1f}s")
             verification: dict = {}
             if verify:
                 report = verify_model(
-                    fp32_path, src.model, src.table, how, histories, src.max_history, "fp32"
+                    fp32_path, src.model, src.table, how, histories, src.max_history, "fp32", item_inputs
                 )
                 _check_limits(report, max_abs_diff, min_topk_agreement)
                 verification["fp32"] = report.to_manifest() | {"histories": origin}
@@ -333,7 +347,7 @@ def export_bundle(
                     )
                 report = compare(
                     torch_fn(src.model),
-                    onnx_fn(ort_session(final)),
+                    onnx_fn(ort_session(final), item_inputs),
                     src.table,
                     how,
                     histories,
@@ -347,15 +361,18 @@ def export_bundle(
                 )
             metrics: dict = {"run": src.run_metrics}
             if evaluate:
-                metrics["bundle"] = _offline(src, final, how, entry) | {"precision": precision}
+                offline = _offline(src, final, how, entry, item_inputs)
+                metrics["bundle"] = offline | {"precision": precision}
             src.table.save(staging.path / SEMANTIC_IDS_FILE)
             save_folded(how.scorer, staging.path)
+            if item_inputs is not None:
+                save_item_inputs(item_inputs, staging.path / ITEM_INPUTS_FILE)
             save_trie(src.trie, staging.path / TRIE_FILE)
             if choice.index is not None:
                 save_ann_index(choice.index, staging.path / ANN_INDEX_FILE)
             np.save(staging.path / POPULAR_FILE, src.popular)
             manifest = _manifest(
-                src, name, opset, precision, metrics, verification, export_seconds, how, entry
+                src, name, opset, precision, metrics, verification, export_seconds, how, entry, schema
             )
             path = staging.commit(manifest, version)
     except (VerificationError, ExportError, BundleError) as exc:
@@ -411,12 +428,14 @@ def _trained(model: FAIR) -> np.ndarray:
     return model.item_trained.cpu().numpy().astype(bool)
 
 
-def _offline(src: ExportSources, onnx_path: Path, how: Search, entry: dict) -> dict:
+def _offline(
+    src: ExportSources, onnx_path: Path, how: Search, entry: dict, item_inputs: np.ndarray | None
+) -> dict:
     assert src.dataset is not None
     split = src.dataset.eval_split("test")
     _log(f"offline metrics on {len(split.targets)} test users ...")
     report = offline_metrics(
-        onnx_fn(ort_session(onnx_path)),
+        onnx_fn(ort_session(onnx_path), item_inputs),
         src.table,
         how,
         split.histories,
@@ -437,10 +456,12 @@ def _manifest(
     seconds: float,
     how: Search,
     search_entry: dict,
+    schema: int,
 ) -> dict:
-    inputs, outputs = io_spec(src.model.cfg)
+    inputs, outputs = io_spec(src.model.cfg, schema)
     trained = _trained(src.model)
     return {
+        "schema_version": schema,
         "name": name,
         "created": utc_now(),
         "precision": precision,

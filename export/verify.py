@@ -2,10 +2,13 @@
 
 Three gates before a bundle is renamed into place (see docs/architecture.md, "Bundle"):
 
-1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, the one output is
-   ``history [batch, D]``, and every focused-attention layer is a named unit in the graph;
+1. the graph: ``onnx.checker`` (full check) and strict shape inference pass, its inputs are one of the
+   contract's input sets (``model.search.inputs.GRAPH_INPUTS``), the one output is ``history [batch, D]``,
+   and every focused-attention layer is a named unit in the graph;
 2. numbers: onnxruntime vs PyTorch on histories of varied lengths batched together (so left padding
-   is exercised), max absolute difference of ``history``;
+   is exercised), max absolute difference of ``history``. PyTorch reads the item indices (the ID lookup
+   of ``FAIR.id_input``); a schema 4 graph reads the item input vectors gathered from the table the bundle
+   ships (``item_inputs.npy``, ``model.search.inputs.graph_feeds``), so the gather is checked too;
 3. what users see: the top-10 of the bundle's search mode (``model.search.modes``) on what is served
    (ONNX ``history`` through the folded item table) against the same mode on PyTorch's own item
    score (``code_scores`` + ``query`` through ``ItemScorer``, i.e. ``FAIR.item_logits``), identical
@@ -27,10 +30,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import FOCUSED_ATTENTION, INPUT_NAMES, attention_units, next_item_history
+from export.onnx_export import FOCUSED_ATTENTION, attention_units, item_input_table, next_item_history
 from model.evaluate.metrics import evaluation_report
 from model.fair import FAIR
-from model.search.inputs import histories_to_inputs
+from model.search.inputs import GRAPH_INPUTS, ModelInputs, graph_feeds, histories_to_inputs
 from model.search.item_scores import ItemScorer, Scorer
 from model.search.modes.ann import AnnMode
 from model.search.modes.base import SearchMode
@@ -100,12 +103,16 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def onnx_fn(session: ort.InferenceSession) -> ScoresFn:
+def onnx_fn(session: ort.InferenceSession, item_inputs: np.ndarray | None = None) -> ScoresFn:
+    """The graph's outputs by name, fed as the service feeds it (``graph_feeds``: a schema 4 graph's
+    ``item_inputs`` gathered from ``item_inputs`` [I, D], the bundle's ``item_inputs.npy``)."""
     names = [o.name for o in session.get_outputs()]
+    inputs = [i.name for i in session.get_inputs()]
 
     def run(codes: np.ndarray, items: np.ndarray, item_mask: np.ndarray) -> dict[str, np.ndarray]:
-        arrays = (codes.astype(np.int64), items.astype(np.int64), item_mask.astype(bool))
-        return dict(zip(names, session.run(names, dict(zip(INPUT_NAMES, arrays, strict=True))), strict=True))
+        arrays = ModelInputs(codes.astype(np.int64), items.astype(np.int64), item_mask.astype(bool))
+        feeds = graph_feeds(arrays, inputs, item_inputs)
+        return dict(zip(names, session.run(names, feeds), strict=True))
 
     return run
 
@@ -203,6 +210,9 @@ def check_graph(path: str | os.PathLike, focused_layers: int, d_model: int) -> l
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as exc:
         return [f"shape inference: {exc}"]
+    inputs = tuple(i.name for i in inferred.graph.input)
+    if inputs not in GRAPH_INPUTS:
+        problems.append(f"inputs are {list(inputs)}, expected one of {[list(s) for s in GRAPH_INPUTS]}")
     outputs = [o.name for o in inferred.graph.output]
     if outputs != ["history"]:
         problems.append(f"outputs are {outputs}, expected one: history")
@@ -275,15 +285,21 @@ def verify_model(
     histories: Sequence[np.ndarray],
     max_history: int,
     precision: str = "fp32",
+    item_inputs: np.ndarray | None = None,
 ) -> VerificationReport:
-    """All gates; raises ``VerificationError`` naming each failed gate and its figure."""
+    """All gates; raises ``VerificationError`` naming each failed gate and its figure. ``item_inputs``:
+    the ``[I, D]`` table a schema 4 graph's ``item_inputs`` is gathered from (what the bundle ships;
+    default: ``item_input_table(model)``)."""
     cfg = model.cfg
     focused = cfg.n_layers if cfg.attention == "focused" else 0
     graph_problems = check_graph(onnx_path, focused, cfg.d_model)
     if graph_problems:
         raise VerificationError(f"{Path(onnx_path).name}: graph check failed: " + "; ".join(graph_problems))
     session = ort_session(onnx_path)
-    report = compare(torch_fn(model), onnx_fn(session), table, how, histories, max_history, precision)
+    if item_inputs is None and any(i.name == "item_inputs" for i in session.get_inputs()):
+        item_inputs = item_input_table(model)
+    candidate = onnx_fn(session, item_inputs)
+    report = compare(torch_fn(model), candidate, table, how, histories, max_history, precision)
     report.checks.insert(0, "onnx.checker + strict shape inference + named focused-attention units")
     if report.failures:
         raise VerificationError(f"{Path(onnx_path).name} ({precision}): " + "; ".join(report.failures))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from export.bundle import LoadedBundle, load_bundle
-from model.search.inputs import INPUT_NAMES, histories_to_inputs
+from model.search.inputs import graph_feeds, histories_to_inputs
 
 log = logging.getLogger("fair.engine")
 
@@ -113,10 +113,14 @@ class Engine:
         return cached[0] + score_json + cached[1]
 
     def forward(self, histories: Sequence[np.ndarray]) -> ModelScores:
-        """Histories of item indices (oldest first, non-empty) -> the batch's ``ModelScores``."""
-        inputs = histories_to_inputs(histories, self.bundle.table.codes, self.max_history)
-        names = list(self.bundle.output_names)
-        return ModelScores(tuple(self.session.run(names, dict(zip(INPUT_NAMES, inputs, strict=True)))))
+        """Histories of item indices (oldest first, non-empty) -> the batch's ``ModelScores``.
+
+        The graph's inputs decide the feeds (``graph_feeds``): a schema 4 bundle's ``item_inputs`` are
+        gathered from its ``item_inputs.npy``, a schema 2/3 graph takes the item indices."""
+        b = self.bundle
+        inputs = histories_to_inputs(histories, b.table.codes, self.max_history)
+        feeds = graph_feeds(inputs, b.input_names, b.item_inputs)
+        return ModelScores(tuple(self.session.run(list(b.output_names), feeds)))
 
     def search(
         self, scores: ModelScores, beam_size: int, k: int, exclude: Sequence[np.ndarray | None] | None
@@ -170,10 +174,13 @@ def load_engine(
     )
     names = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if sorted(names) != sorted(INPUT_NAMES) or sorted(outputs) != sorted(bundle.output_names):
+    # the bundle (schema, item_inputs.npy) says what the graph must take: schema 2/3 item indices,
+    # schema 4 the gathered item_inputs of an item-ID model, or codes and mask alone
+    if sorted(names) != sorted(bundle.input_names) or sorted(outputs) != sorted(bundle.output_names):
         raise ValueError(
             f"{bundle.model_path}: model inputs {names} / outputs {outputs} do not match "
-            f"{', '.join(INPUT_NAMES)} -> {', '.join(bundle.output_names)}"
+            f"{', '.join(bundle.input_names)} -> {', '.join(bundle.output_names)} "
+            f"(a schema {bundle.schema_version} bundle)"
         )
     provider = session.get_providers()[0]
     if wanted[0] != provider:

@@ -2,6 +2,14 @@
 
 numpy only (the service imports it). Histories are LEFT-padded so the newest item is always in the last
 column: the model reads the user state at a fixed position whatever the history length.
+
+``histories_to_inputs`` gives ``ModelInputs`` (codes, item indices, mask): what the PyTorch network
+reads. An exported graph reads one of three input sets (``GRAPH_INPUTS``), and ``graph_feeds`` is the one
+place that turns ``ModelInputs`` into the feeds of a graph: schema 2/3 graphs take the item indices and
+look the ID embeddings up inside the graph; schema 4 graphs of item-ID models take ``item_inputs``
+``[B, N, D]``, the input vector of every history item, gathered here from the bundle's
+``item_inputs.npy`` ``[I, D]`` (``gather_item_inputs``; 0 for padding and unknown items), so the graph
+holds no catalog-sized table; schema 4 graphs of models without item IDs take codes and mask only.
 """
 
 from __future__ import annotations
@@ -11,7 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-INPUT_NAMES = ("codes", "items", "item_mask")  # the exported graph's inputs, in this order
+ITEM_INDEX_INPUTS = ("codes", "items", "item_mask")  # schema 2/3 graphs: the ID lookup is in the graph
+ITEM_VECTOR_INPUTS = ("codes", "item_inputs", "item_mask")  # schema 4, item-ID models: gathered vectors
+CODE_INPUTS = ("codes", "item_mask")  # schema 4, models without item IDs
+GRAPH_INPUTS = (ITEM_INDEX_INPUTS, ITEM_VECTOR_INPUTS, CODE_INPUTS)  # the input sets a graph may have
 
 
 class ModelInputs(NamedTuple):
@@ -67,3 +78,34 @@ def histories_to_inputs(
     items[rows, cols] = flat
     item_mask[rows, cols] = True
     return ModelInputs(codes, items, item_mask)
+
+
+def gather_item_inputs(items: np.ndarray, item_inputs: np.ndarray) -> np.ndarray:
+    """``items`` int ``[B, N]`` -> float32 ``[B, N, D]``: row ``items[b, n]`` of ``item_inputs`` ``[I, D]``
+    (the bundle's ``item_inputs.npy``), 0 for padding/unknown (-1) and any index outside ``[0, I)``:
+    what ``FAIR.id_input`` adds to the history item's tokens in eval mode."""
+    items = np.asarray(items, dtype=np.int64)
+    if item_inputs.ndim != 2:
+        raise ValueError(f"item_inputs must be [num_items, D], got shape {item_inputs.shape}")
+    known = (items >= 0) & (items < item_inputs.shape[0])
+    out = np.zeros((*items.shape, item_inputs.shape[1]), dtype=np.float32)
+    out[known] = item_inputs[items[known]]
+    return out
+
+
+def graph_feeds(
+    inputs: ModelInputs, names: Sequence[str], item_inputs: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The feeds of a graph whose inputs are ``names`` (one of ``GRAPH_INPUTS``, in any order) for
+    ``inputs``; ``item_inputs`` ``[I, D]`` float32 is needed by a graph with an ``item_inputs`` input."""
+    if sorted(names) not in [sorted(s) for s in GRAPH_INPUTS]:
+        raise ValueError(f"graph inputs {list(names)} are none of {[list(s) for s in GRAPH_INPUTS]}")
+    feeds = {}
+    for name in names:
+        if name == "item_inputs":
+            if item_inputs is None:
+                raise ValueError("the graph takes item_inputs: pass the [I, D] item input table")
+            feeds[name] = gather_item_inputs(inputs.items, item_inputs)
+        else:
+            feeds[name] = getattr(inputs, name)
+    return feeds

@@ -30,6 +30,7 @@ from export.bundle import (
     write_bundle,
 )
 from model.search.folded import CodeHeads, FoldedScorer
+from model.search.inputs import CODE_INPUTS, ITEM_INDEX_INPUTS, ITEM_VECTOR_INPUTS
 from model.search.scoring import ItemScorer
 from model.semantic_ids.trie import CodeTrie
 
@@ -262,7 +263,8 @@ def test_a_bundle_loads_its_folded_item_score(tmp_path, parts):
     files, manifest, table = parts
     loaded = load_bundle(write_bundle(tmp_path / "m", manifest, files))
     want = _folded(table)
-    assert loaded.schema_version == 3 and loaded.output_names == ("history",)
+    assert loaded.schema_version == 4 and loaded.output_names == ("history",)
+    assert loaded.input_names == CODE_INPUTS and loaded.item_inputs is None  # no item_inputs input
     np.testing.assert_array_equal(loaded.scorer.table, want.table)
     np.testing.assert_array_equal(loaded.scorer.heads.weight, want.heads.weight)
     h = np.ones((2, 4), np.float32)
@@ -291,6 +293,50 @@ def test_a_schema_2_bundle_is_still_read_and_scored_unfolded(tmp_path, parts):
         load_bundle(bad)
     with pytest.raises(BundleError, match="lacks file"):  # a schema 3 bundle needs the folded table
         write_bundle(tmp_path / "m", manifest, old)
+
+
+ITEM_INPUTS_SPEC = {"name": "item_inputs", "dtype": "float32", "shape": ["batch", "items", 4]}
+
+
+def test_a_schema_4_graph_with_item_inputs_ships_and_loads_its_item_input_table(tmp_path, parts):
+    """The graph input item_inputs makes item_inputs.npy part of the bundle: listed, checksummed and
+    read against the catalog and the graph's width like item_table.npy."""
+    files, manifest, table = parts
+    n = table.num_items
+    manifest = {**manifest, "inputs": [{"name": "codes"}, ITEM_INPUTS_SPEC, {"name": "item_mask"}]}
+    with pytest.raises(BundleError, match="lacks file.*item_inputs.npy"):
+        write_bundle(tmp_path / "m", manifest, files)
+    rows = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
+    np.save(tmp_path / "inputs.npy", rows)
+    path = write_bundle(tmp_path / "m", manifest, {**files, "item_inputs.npy": tmp_path / "inputs.npy"})
+    loaded = load_bundle(path)
+    assert loaded.schema_version == 4 and loaded.input_names == ITEM_VECTOR_INPUTS
+    np.testing.assert_array_equal(loaded.item_inputs, rows)
+    assert "item_inputs.npy" in loaded.manifest["files"] and verify_checksums(path) == []
+    (path / "item_inputs.npy").unlink()
+    assert "item_inputs.npy: missing" in verify_checksums(path)
+    for bad, message in [
+        (rows[:-1], f"item inputs \\({n - 1}, 4\\) do not fit {n} catalog items"),
+        (np.zeros((n, 5), np.float32), "item inputs are 5 wide, the graph's item_inputs 4"),
+        (rows.astype(np.float64), "must hold finite float32"),
+        (np.full((n, 4), np.nan, np.float32), "must hold finite float32"),
+    ]:
+        np.save(tmp_path / "bad.npy", bad)
+        path = write_bundle(tmp_path / "m", manifest, {**files, "item_inputs.npy": tmp_path / "bad.npy"})
+        with pytest.raises(BundleError, match=f"item_inputs.npy: {message}"):
+            load_bundle(path)
+
+
+def test_a_schema_3_bundle_is_still_read_with_its_item_index_graph(tmp_path, parts):
+    """Bundles exported before schema 4 (the graph takes item indices, no item_inputs.npy) keep loading;
+    their graph is fed the item indices."""
+    files, manifest, _ = parts
+    items = [{"name": "codes"}, {"name": "items"}, {"name": "item_mask"}]
+    loaded = load_bundle(
+        write_bundle(tmp_path / "m", {**manifest, "schema_version": 3, "inputs": items}, files)
+    )
+    assert loaded.schema_version == 3 and loaded.input_names == ITEM_INDEX_INPUTS
+    assert loaded.item_inputs is None and loaded.output_names == ("history",)
 
 
 def test_a_bundle_whose_directory_names_another_version_is_refused(tmp_path, parts):

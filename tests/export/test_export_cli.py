@@ -18,7 +18,7 @@ from export.onnx_export import FOCUSED_ATTENTION, attention_units, next_item_his
 from export.quantize import convert_fp16
 from export.verify import check_graph
 from model.evaluate.ranking import item_scorer
-from model.search.inputs import INPUT_NAMES, histories_to_inputs
+from model.search.inputs import CODE_INPUTS, ITEM_VECTOR_INPUTS, graph_feeds, histories_to_inputs
 from model.search.modes.registry import make_mode
 from model.train.checkpoint import load_model
 
@@ -26,6 +26,12 @@ from model.train.checkpoint import load_model
 def _torch_history(model, inputs) -> np.ndarray:
     with torch.no_grad():
         return next_item_history(model, *(torch.from_numpy(a) for a in inputs)).numpy()
+
+
+def _run_graph(session, bundle, inputs) -> np.ndarray:
+    """The graph's history for ``inputs``, fed as the service feeds it (item_inputs gathered)."""
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, graph_feeds(inputs, names, bundle.item_inputs))[0]
 
 
 def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
@@ -43,7 +49,7 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
             rng.choice(bundle.table.num_items, size=int(rng.integers(1, longest + 1))) for _ in range(batch)
         ]
         inputs = histories_to_inputs(histories, bundle.table.codes, max_history=longest)
-        (got,) = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+        got = _run_graph(session, bundle, inputs)
         want = _torch_history(model, inputs)
         assert got.shape == (batch, TINY_CONFIG["d_model"])
         assert np.abs(got - want).max() <= 1e-4
@@ -67,7 +73,11 @@ def test_bundle_matches_pytorch_on_varied_histories(tiny_bundle, tiny_run):
             "why": "a catalog of 120 items (<= 20,000) is served exact, not measured",
         },
     }
-    assert bundle.schema_version == 3 and bundle.output_names == ("history",)
+    assert bundle.schema_version == 4 and bundle.output_names == ("history",)
+    assert bundle.input_names == ITEM_VECTOR_INPUTS and bundle.item_inputs is not None
+    with torch.no_grad():  # the shipped item inputs are the network's ID input vectors (cold rows: 0)
+        np.testing.assert_allclose(bundle.item_inputs, model.id_vectors().numpy(), rtol=1e-6, atol=1e-7)
+    assert not bundle.item_inputs[~model.item_trained.numpy()].any()
 
     v = bundle.manifest["verification"]["fp32"]
     assert v["users"] == 256 and v["max_abs_diff"] <= 1e-4 and v["top10_agreement"] >= 0.99
@@ -99,7 +109,7 @@ def test_a_text_model_exports_its_text_part_for_every_item_cold_ones_included(tm
     # a history of cold items only: the graph and PyTorch agree, and the text changes the answer
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     inputs = histories_to_inputs([np.flatnonzero(cold)[:4]], bundle.table.codes, max_history=6)
-    (got,) = session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))
+    got = _run_graph(session, bundle, inputs)
     want = _torch_history(model, inputs)
     with torch.no_grad():
         model.item_text.zero_()
@@ -108,18 +118,37 @@ def test_a_text_model_exports_its_text_part_for_every_item_cold_ones_included(tm
     assert np.abs(want - blank).max() > 1e-3
 
 
+def test_a_model_without_item_ids_exports_a_graph_of_codes_and_mask_alone(tmp_path):
+    """Schema 4 without item IDs: no item_inputs input and no item_inputs.npy; still PyTorch's ranking."""
+    run = build_tiny_run(tmp_path / "run", item_ids=False)
+    assert main(["--run", str(run), "--out", str(tmp_path / "b"), "--name", "c", "--users", "32"]) == 0
+    bundle = load_bundle(tmp_path / "b" / "c" / "1")
+    assert bundle.schema_version == 4 and bundle.input_names == CODE_INPUTS and bundle.item_inputs is None
+    assert [i["name"] for i in bundle.manifest["inputs"]] == list(CODE_INPUTS)
+    assert "item_inputs.npy" not in bundle.manifest["files"] and not (bundle.dir / "item_inputs.npy").exists()
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(CODE_INPUTS)
+    model, _ = load_model(run / "best.pt")
+    inputs = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
+    assert np.abs(_run_graph(session, bundle, inputs) - _torch_history(model, inputs)).max() <= 1e-4
+    assert bundle.manifest["verification"]["fp32"]["top10_agreement"] >= 0.99
+
+
 def test_manifest_describes_the_graph(tiny_bundle):
     manifest = load_bundle(tiny_bundle).manifest
     proto = onnx.load(str(tiny_bundle / "model.onnx"))
     assert (
         [i.name for i in proto.graph.input]
         == [i["name"] for i in manifest["inputs"]]
-        == ["codes", "items", "item_mask"]
+        == ["codes", "item_inputs", "item_mask"]
     )
     assert [o.name for o in proto.graph.output] == [o["name"] for o in manifest["outputs"]]
     assert [o.name for o in proto.graph.output] == ["history"]
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
-    assert dims == [["batch", "items", 3], ["batch", "items"], ["batch", "items"]]
+    d = TINY_CONFIG["d_model"]
+    assert dims == [["batch", "items", 3], ["batch", "items", d], ["batch", "items"]]
+    assert [i["dtype"] for i in manifest["inputs"]] == ["int64", "float32", "bool"]
+    assert manifest["schema_version"] == 4 and "item_inputs.npy" in manifest["files"]
     assert manifest["opset"] == 18 and manifest["precision"] == "fp32"
     assert manifest["model_config"]["n_layers"] == TINY_CONFIG["n_layers"]
 
@@ -167,10 +196,7 @@ def test_int8_export_runs_and_records_its_own_offline_metrics(tiny_run, tmp_path
     assert 0.0 <= offline["ndcg@10"] <= offline["recall@10"] <= 1.0
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     inputs = histories_to_inputs([[1, 2, 3], [4]], bundle.table.codes, 6)
-    assert session.run(None, dict(zip(INPUT_NAMES, inputs, strict=True)))[0].shape == (
-        2,
-        TINY_CONFIG["d_model"],
-    )
+    assert _run_graph(session, bundle, inputs).shape == (2, TINY_CONFIG["d_model"])
 
 
 def test_failed_verification_writes_nothing(tiny_run, tmp_path, capsys):
@@ -253,8 +279,9 @@ def test_fp16_conversion_keeps_the_io_contract(tiny_bundle, tmp_path):
     half = convert_fp16(tiny_bundle / "model.onnx", tmp_path / "model.fp16.onnx")
     cfg = TINY_CONFIG
     assert check_graph(half, cfg["n_layers"], cfg["d_model"]) == []
-    table = load_bundle(tiny_bundle).table
-    feeds = dict(zip(INPUT_NAMES, histories_to_inputs([[5, 6, 7], [8]], table.codes, 6), strict=True))
+    bundle = load_bundle(tiny_bundle)
+    inputs = histories_to_inputs([[5, 6, 7], [8]], bundle.table.codes, 6)
+    feeds = graph_feeds(inputs, ITEM_VECTOR_INPUTS, bundle.item_inputs)
     (fp16_out,) = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"]).run(None, feeds)
     (fp32_out,) = ort.InferenceSession(
         str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]

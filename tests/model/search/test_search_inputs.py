@@ -1,9 +1,17 @@
-"""histories_to_inputs: left padding (newest item last), truncation, empty histories, bad indices."""
+"""histories_to_inputs: left padding (newest item last), truncation, empty histories, bad indices;
+graph_feeds / gather_item_inputs: the feeds of each graph input set, item input vectors gathered."""
 
 import numpy as np
 import pytest
 
-from model.search.inputs import histories_to_inputs
+from model.search.inputs import (
+    CODE_INPUTS,
+    ITEM_INDEX_INPUTS,
+    ITEM_VECTOR_INPUTS,
+    gather_item_inputs,
+    graph_feeds,
+    histories_to_inputs,
+)
 
 # item i has codes (10 * i, 10 * i + 1)
 TABLE = np.stack([np.arange(8) * 10, np.arange(8) * 10 + 1], axis=1)
@@ -40,3 +48,32 @@ def test_bad_input_is_refused_with_the_user_named():
         histories_to_inputs([[-1]], TABLE, max_history=5)
     with pytest.raises(ValueError, match="max_history"):
         histories_to_inputs([[1]], TABLE, max_history=0)
+
+
+# item i's input vector: (i + 1) * [1, 2, 3]
+ITEM_INPUTS = ((np.arange(8)[:, None] + 1) * np.array([1.0, 2.0, 3.0])).astype(np.float32)
+
+
+def test_unknown_padding_and_out_of_catalog_items_gather_a_zero_input_vector():
+    items = np.array([[-1, 3, 7], [8, -1, 100], [0, -5, 2]])
+    got = gather_item_inputs(items, ITEM_INPUTS)
+    assert got.dtype == np.float32 and got.shape == (3, 3, 3)
+    np.testing.assert_array_equal(got[0], [[0, 0, 0], [4, 8, 12], [8, 16, 24]])
+    assert not got[1].any()  # 8 and 100 lie outside the 8-item catalog, -1 is padding/unknown
+    np.testing.assert_array_equal(got[2], [[1, 2, 3], [0, 0, 0], [3, 6, 9]])
+
+
+def test_graph_feeds_follow_the_graph_inputs():
+    inputs = histories_to_inputs([[3, 5], [1, 2, 4]], TABLE, max_history=10)
+    old = graph_feeds(inputs, ITEM_INDEX_INPUTS)  # schema 3: the item indices
+    assert list(old) == list(ITEM_INDEX_INPUTS) and (old["items"] == inputs.items).all()
+    new = graph_feeds(inputs, ITEM_VECTOR_INPUTS, ITEM_INPUTS)  # schema 4: gathered vectors
+    assert list(new) == list(ITEM_VECTOR_INPUTS) and new["item_inputs"].shape == (2, 3, 3)
+    assert not new["item_inputs"][0, 0].any()  # padding
+    np.testing.assert_array_equal(new["item_inputs"][1, :, 0], [2, 3, 5])
+    assert new["codes"] is inputs.codes and new["item_mask"] is inputs.item_mask
+    assert list(graph_feeds(inputs, CODE_INPUTS)) == list(CODE_INPUTS)
+    with pytest.raises(ValueError, match="item input table"):
+        graph_feeds(inputs, ITEM_VECTOR_INPUTS)
+    with pytest.raises(ValueError, match="none of"):
+        graph_feeds(inputs, ("codes", "items"))
