@@ -21,7 +21,6 @@ import torch
 from model.fair import FAIR
 from model.search.folded import CodeHeads, FoldedScorer
 
-
 FOLD_CHUNK = 65_536  # items folded at a time: [chunk, L*D (+ D)] in float64 stays ~0.4 GB at D 128
 
 
