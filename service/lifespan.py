@@ -81,10 +81,11 @@ async def _connect_redis(state: AppState) -> None:
 
 
 async def _shut_down(state: AppState) -> None:
-    if state.poll_task is not None:
-        state.poll_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # cleanup must go on
-            await state.poll_task
+    for task in (state.poll_task, state.trim_task):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # cleanup must go on
+                await task
     # Graceful shutdown: uvicorn has stopped accepting and waited for open requests; finish whatever is
     # still queued, then release Redis.
     if state.batcher is not None:

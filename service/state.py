@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from service.batcher import Batcher
 from service.embedded_redis import EmbeddedRedis
 from service.engine import Engine, load_engine
 from service.errors import ServiceError, unavailable
+from service.memory import trim_when_released
 from service.redis_store import HistoryStore
 from service.redis_supervisor import RedisSupervisor
 from service.settings import Settings
@@ -44,6 +46,9 @@ class AppState:
     # it alone until a reload without a version releases it, or a manual rollback would be undone by the
     # next poll
     manual_pin: int | None = None
+    # after a reload: waits for the replaced engine to be collected, then returns its memory to the OS
+    # (service/memory.py); kept here so the task is not garbage-collected while it waits
+    trim_task: asyncio.Task | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -127,6 +132,8 @@ async def reload_model(state: AppState, version: int | None) -> tuple[Engine, En
             raise ServiceError(409, "reload_failed", f"{type(exc).__name__}: {exc}") from exc
         old = swap(state, engine)
         log.info("now serving %s v%d (was v%s)", engine.name, engine.version, old.version if old else None)
+        if old is not None:
+            state.trim_task = asyncio.create_task(trim_when_released(weakref.ref(old)))
         return engine, old
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 from service_testlib import ADMIN_TOKEN, sample, scrape
@@ -77,6 +78,12 @@ def test_reload_under_load_fails_nothing(server, tiny_bundle):
     m = scrape(server.url)
     assert sample(m, "fair_model_info", name="tiny", version=2, provider="CPUExecutionProvider") == 1
     assert sample(m, "fair_model_info", name="tiny", version=1, provider="CPUExecutionProvider") == 0
+    # the replaced engine is collected once its last requests are answered, and its memory trimmed
+    task = server.state.trim_task
+    deadline = time.monotonic() + 60
+    while not task.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert task.done() and task.result() is True
 
     # a second reload to the same version is a no-op; back to 1 works too
     same = httpx.post(server.url + "/admin/reload", headers=auth).json()
