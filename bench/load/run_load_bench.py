@@ -97,6 +97,16 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def rejected_by_reason(url: str) -> dict[str, float]:
+    """``fair_requests_rejected_total`` by reason, from the service's /metrics."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("fair_requests_rejected_total{"):
+            reason = line.split('reason="')[1].split('"')[0]
+            out[reason] = float(line.split()[-1])
+    return out
+
+
 def reload_under_load(
     url: str, serve: subprocess.Popen, bundle: Path, users: Path, rate: float, seconds: float, token: str
 ) -> dict:
@@ -128,6 +138,7 @@ def reload_under_load(
     )
     try:
         result["rss_before_mb"] = proc_memory_mb(serve.pid)["VmRSS"]
+        rejected_before = rejected_by_reason(url)
         sampler = threading.Thread(target=sample)
         sampler.start()
         wrk_thread.start()
@@ -145,6 +156,10 @@ def reload_under_load(
         result["rss_peak_mb"] = max(samples)
         result["rss_after_mb"] = proc_memory_mb(serve.pid)["VmRSS"]
         result["load"] = load
+        after = rejected_by_reason(url)  # what the non-2xx answers of the window were
+        result["rejected"] = {
+            k: v - rejected_before.get(k, 0.0) for k, v in after.items() if v > rejected_before.get(k, 0.0)
+        }
         # back to following the newest version, and the copy removed
         httpx.post(url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {token}"}, timeout=600)
     finally:
@@ -315,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reload v{rl['from_version']} -> v{rl['to_version']} under {rl['rate']:.0f} req/s: "
                   f"{rl['reload_s']:.1f} s (HTTP {rl['reload_status']}), RSS {rl['rss_before_mb']:.0f} -> peak "
                   f"{rl['rss_peak_mb']:.0f} -> {rl['rss_after_mb']:.0f} MB; requests p50 {ld['p50_ms']:.1f} "
-                  f"p99 {ld['p99_ms']:.1f} ms, errors {ld['errors']}", flush=True)  # fmt: skip
+                  f"p99 {ld['p99_ms']:.1f} ms, errors {ld['errors']} (rejected: {rl['rejected']})", flush=True)  # fmt: skip
         results["memory_end_mb"] = proc_memory_mb(serve.pid)
         metrics = httpx.get(url + "/metrics", timeout=10).text
         sums = {
