@@ -87,7 +87,12 @@ def measure(data_path: str, form: str, args: argparse.Namespace) -> dict:
             trainer.optimizer.step()
         opt_s = (time.perf_counter() - t0) / 3
         state = [st for opt in trainer.optimizer.optimizers for st in opt.state.values()]
-        adam_bytes = sum(v.numel() * v.element_size() for st in state for v in st.values() if v.ndim > 0)
+        adam_bytes = sum(
+            v.numel() * v.element_size()
+            for st in state
+            for v in st.values()
+            if torch.is_tensor(v) and v.ndim > 0
+        )
         windows = len(trainer.windows.seq)
     seq_per_s = seqs / seconds
     return {
