@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from model.semantic_ids.rqkmeans import kmeans, residual_kmeans
+from model.semantic_ids.rqkmeans import kmeans, kmeans_reference, residual_kmeans
 
 
 def clustered(n_clusters=8, per_cluster=40, dim=16, spread=0.05, seed=0):
@@ -36,11 +37,13 @@ def test_residual_error_shrinks_level_by_level():
     assert res.residual_mse[0] > res.residual_mse[1] > res.residual_mse[2]
 
 
-def test_kmeans_uses_every_code_when_points_allow():
-    # one huge blob plus a few far outliers: naive Lloyd leaves clusters empty, we re-seed them
+@pytest.mark.parametrize("fit", [kmeans, kmeans_reference])
+def test_kmeans_uses_every_code_when_points_allow(fit):
+    # one huge blob plus a few far outliers: naive Lloyd leaves clusters empty; the reference re-seeds
+    # them with the worst-fitted points, faiss splits large clusters into them
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(size=(300, 4)), rng.normal(size=(5, 4)) + 50]).astype(np.float32)
-    centres, labels = kmeans(x, 32, seed=0)
+    centres, labels = fit(x, 32, seed=0)
     assert centres.shape == (32, 4)
     assert len(np.unique(labels)) == 32
 
@@ -49,3 +52,32 @@ def test_fewer_points_than_codes_is_fine():
     x = np.eye(3, dtype=np.float32)
     res = residual_kmeans(x, levels=2, codebook_size=8, seed=0, progress=False)
     assert len(np.unique(res.codes[:, 0])) == 3
+
+
+def quantization_error(x, centres, labels):
+    r = x - centres[labels]
+    return float(np.mean(np.einsum("nd,nd->n", r, r, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_faiss_kmeans_matches_reference_error(seed):
+    # overlapping blobs, so Lloyd has real work to do: same k-means++ seeds, faiss's Lloyd vs ours
+    x, _ = clustered(n_clusters=24, per_cluster=100, dim=16, spread=1.5, seed=seed)
+    fast = quantization_error(x, *kmeans(x, 32, seed=seed))
+    ref = quantization_error(x, *kmeans_reference(x, 32, seed=seed))
+    assert abs(fast - ref) <= 1e-3 * ref
+
+
+def test_faiss_kmeans_is_deterministic_for_a_seed():
+    x, _ = clustered(n_clusters=24, per_cluster=100, dim=16, spread=1.5, seed=3)
+    c1, l1 = kmeans(x, 32, seed=5)
+    c2, l2 = kmeans(x, 32, seed=5)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(l1, l2)
+    assert c1.dtype == np.float32 and c1.shape == (32, 16) and l1.dtype == np.int64
+
+
+def test_fewer_points_than_codes_falls_back_to_reference():
+    x = np.eye(3, dtype=np.float32)  # faiss refuses n < k
+    for got, want in zip(kmeans(x, 8, seed=0), kmeans_reference(x, 8, seed=0), strict=True):
+        np.testing.assert_array_equal(got, want)
