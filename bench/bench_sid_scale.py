@@ -47,8 +47,9 @@ than the 256 codes the collision code can number): it is reported, never hidden.
 
 ``kmeans_ours`` / ``kmeans_faiss``: one k-means problem, level 1 of RQ k-means (the catalog's
 embeddings, 256 centroids, ``--kmeans-iters`` = 25 iterations), fitted on all rows (or a seeded sample of
-``--kmeans-fit-points``) by ``model.semantic_ids.rqkmeans.kmeans`` (k-means++ seeding, may stop early:
-iterations run are counted) and by ``faiss.Kmeans`` (random seeding, exactly ``niter`` iterations,
+``--kmeans-fit-points``) by ``model.semantic_ids.rqkmeans.kmeans_reference`` (our numpy Lloyd loop,
+k-means++ seeding, may stop early: iterations run are counted; ``rqkmeans.kmeans`` now runs faiss's
+Lloyd iterations from those seeds, which is what ``kmeans_faiss_pp`` measures) and by ``faiss.Kmeans`` (random seeding, exactly ``niter`` iterations,
 ``max_points_per_centroid`` raised so faiss uses every row). ``kmeans_faiss_sub``: faiss with its
 default subsampling (256 points per centroid, 65,536 rows). ``kmeans_faiss_pp``: faiss's Lloyd
 iterations started from our k-means++ seeds (``rqkmeans._kmeans_pp``, drawn as ``kmeans`` draws them;
@@ -350,7 +351,7 @@ def stage_kmeans(args: argparse.Namespace, which: str) -> dict:
 
         rqkmeans._centroids = counted
         t0, c0 = time.perf_counter(), time.process_time()
-        centres, _ = rqkmeans.kmeans(fit, k, seed=args.seed, iters=iters)
+        centres, _ = rqkmeans.kmeans_reference(fit, k, seed=args.seed, iters=iters)
         seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         rec["iters_run"] = len(calls)
     else:
