@@ -63,6 +63,7 @@ if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(ROOT))
 
 from bench_train_scale import cpu_name, random_codes  # noqa: E402
+from report import print_records  # noqa: E402
 
 from model.data.loading import load_dataset  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
@@ -313,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = run_case(path, layout, args)
             records.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps(records))
-    else:
-        for rec in records:
-            print(rec)
+    print_records(records, args.json)
     return 0
 
 

@@ -79,6 +79,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(ROOT))
 
+from report import print_records  # noqa: E402  (bench/report.py: the script's folder is on sys.path)
+
 STAGES = ("embed", "rqkmeans", "rqvae", "kmeans_ours", "kmeans_faiss", "kmeans_faiss_sub", "kmeans_faiss_pp")
 
 
@@ -443,11 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rec), file=sys.stderr, flush=True)
     result["load_avg_after"] = load_average()
     result["stages"] = records
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for rec in records:
-            print(rec)
+    print_records(records, args.json, summary=result)
     return 0
 
 

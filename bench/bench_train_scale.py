@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(ROOT))
 
+from report import print_records  # noqa: E402  (bench/report.py: the script's folder is on sys.path)
+
 from model.data.loading import load_dataset  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
 from model.train.batches import collate, epoch_batches  # noqa: E402
@@ -154,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             rec["machine"] = cpu_name()
             records.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps(records))
-    else:
-        for rec in records:
-            print(rec)
+    print_records(records, args.json)
     return 0
 
 

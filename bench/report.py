@@ -18,3 +18,13 @@ def print_rows(rows: list[dict], title: str, json_path: Path | None = None) -> N
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
     if json_path:
         json_path.write_text(json.dumps({"where": title, "rows": rows}, indent=2) + "\n")
+
+
+def print_records(records: list[dict], as_json: bool, summary: dict | None = None) -> None:
+    """The end of a run of cases: with ``as_json`` one JSON line (``summary`` if given, else the
+    records), so ``tail -n 1`` reads it; otherwise one record per line."""
+    if as_json:
+        print(json.dumps(summary if summary is not None else records))
+    else:
+        for rec in records:
+            print(rec)
