@@ -9,6 +9,7 @@ import pytest
 
 from model.data.loading import load_dataset
 from model.semantic_ids.table import SemanticIdTable
+from model.train.cli import main as train_main
 
 SPEC = "synthetic:items=120,users=160,seed=1"
 # a tiny, fast network: every test that trains uses it
@@ -40,3 +41,12 @@ def synth(tmp_path_factory) -> tuple[str, Path]:
     path = tmp_path_factory.mktemp("sid") / "sid.npz"
     SemanticIdTable(dataset.item_ids, random_unique_codes(dataset.num_items, 3, 8), 8).save(path)
     return SPEC, path
+
+
+def train_cli(spec: str, sid: Path, out: Path, *extra: str, sets: list[str] = TINY) -> int:
+    """fair-train on the tiny setup (``sets`` as --set); a resume takes the run's own config, so no --set
+    and no --out then."""
+    args = ["--data", spec, "--sid", str(sid), "--quiet", "--no-final-eval", *extra]
+    if "--resume" not in extra:
+        args += ["--out", str(out)] + [a for item in sets for a in ("--set", item)]
+    return train_main(args)

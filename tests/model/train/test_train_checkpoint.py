@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import train_cli
 
 from model.semantic_ids.table import SemanticIdTable
 from model.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from model.train.cli import main
 
 torch.set_num_threads(1)
 CONTRACT_KEYS = {
@@ -21,11 +20,7 @@ CONTRACT_KEYS = {
 
 
 def _train(spec, sid, out, *extra):
-    """fair-train on the tiny setup; a resume takes the run's own config, so no --set then."""
-    args = ["--data", spec, "--sid", str(sid), "--quiet", "--no-final-eval", *extra]
-    if "--resume" not in extra:
-        args += ["--out", str(out)] + [a for item in TINY for a in ("--set", item)]
-    return main(args)
+    return train_cli(spec, sid, out, *extra)
 
 
 def test_run_dir_and_checkpoint_round_trip(synth, tmp_path):

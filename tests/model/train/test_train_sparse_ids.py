@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, train_cli
 
 from model.data.loading import load_dataset
 from model.semantic_ids.table import SemanticIdTable
 from model.train.batches import collate, epoch_batches
 from model.train.checkpoint import read_checkpoint
-from model.train.cli import main
 from model.train.config import ConfigError, TrainConfig, load_config
 from model.train.optim import clip_grad_norm
 from model.train.trainer import Trainer
@@ -118,10 +117,7 @@ def test_clipping_a_sparse_gradient_matches_torch_on_its_dense_form():
 
 
 def _train(spec, sid, out, *extra):
-    args = ["--data", spec, "--sid", str(sid), "--quiet", "--no-final-eval", *extra]
-    if "--resume" not in extra:
-        args += ["--out", str(out)] + [a for item in SAMPLED for a in ("--set", item)]
-    return main(args)
+    return train_cli(spec, sid, out, *extra, sets=SAMPLED)
 
 
 def test_a_sparse_run_checkpoints_both_optimizers_and_resumes_exactly(synth, tmp_path):
