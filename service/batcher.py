@@ -173,6 +173,10 @@ class Batcher:
                     log.exception("inference batch failed")
                     for job in batch:
                         _deliver(job, exc=exc)
+            # drop the answered jobs before waiting for the next ones: each holds the engine it was
+            # admitted with, and a replaced engine (GBs at catalog scale) must be freed even when no
+            # request follows a reload (service/memory.py waits for exactly that)
+            del batch
             if stop:
                 return
 

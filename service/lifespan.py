@@ -81,7 +81,7 @@ async def _connect_redis(state: AppState) -> None:
 
 
 async def _shut_down(state: AppState) -> None:
-    for task in (state.poll_task, state.trim_task):
+    for task in (state.poll_task, *state.trim_tasks):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # cleanup must go on

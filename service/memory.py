@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import logging
 import weakref
 from typing import Any
+
+from service import metrics
 
 log = logging.getLogger("fair.memory")
 
 
 def return_freed_memory() -> bool:
     """``malloc_trim(0)`` where the C library has it (glibc); ``True`` if it was called."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
+    # the process's own symbols: finds glibc's malloc_trim without ldconfig or a compiler
+    # (ctypes.util.find_library needs one of them, and slim images have neither)
+    libc = ctypes.CDLL(None)
     if not hasattr(libc, "malloc_trim"):
         return False
     libc.malloc_trim(0)
@@ -45,5 +45,8 @@ async def trim_when_released(old: weakref.ref[Any], timeout_s: float = 120.0, po
         await asyncio.to_thread(gc.collect)  # a reference cycle is only freed by the collector
     if old() is not None:
         log.warning("a replaced engine is still referenced %.0f s after the reload: not trimmed", timeout_s)
+        metrics.REPLACED_ENGINES.labels(outcome="still_referenced").inc()
         return False
-    return await asyncio.to_thread(return_freed_memory)
+    trimmed = await asyncio.to_thread(return_freed_memory)
+    metrics.REPLACED_ENGINES.labels(outcome="freed").inc()
+    return trimmed

@@ -100,6 +100,12 @@ MODEL_INFO = Gauge(
     ["name", "version", "provider"],
     multiprocess_mode="livemax",
 )
+REPLACED_ENGINES = Counter(
+    "fair_replaced_engines_total",
+    "Engines replaced by a reload, by outcome: freed (collected, heap trimmed) or still_referenced (a leak: "
+    "the replaced bundle's memory stays in use)",
+    ["outcome"],
+)
 MANUAL_PIN = Gauge(
     "fair_bundle_manual_pin",
     "The bundle version pinned by POST /admin/reload {version} (polling paused); 0 when none is pinned",

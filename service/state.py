@@ -46,9 +46,10 @@ class AppState:
     # it alone until a reload without a version releases it, or a manual rollback would be undone by the
     # next poll
     manual_pin: int | None = None
-    # after a reload: waits for the replaced engine to be collected, then returns its memory to the OS
-    # (service/memory.py); kept here so the task is not garbage-collected while it waits
-    trim_task: asyncio.Task | None = None
+    # after each reload: a task waits for the replaced engine to be collected, then returns its memory to
+    # the OS (service/memory.py); kept here (until done) so none is garbage-collected while it waits and
+    # shutdown cancels them all
+    trim_tasks: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -133,7 +134,9 @@ async def reload_model(state: AppState, version: int | None) -> tuple[Engine, En
         old = swap(state, engine)
         log.info("now serving %s v%d (was v%s)", engine.name, engine.version, old.version if old else None)
         if old is not None:
-            state.trim_task = asyncio.create_task(trim_when_released(weakref.ref(old)))
+            task = asyncio.create_task(trim_when_released(weakref.ref(old)))
+            state.trim_tasks.add(task)
+            task.add_done_callback(state.trim_tasks.discard)
         return engine, old
 
 

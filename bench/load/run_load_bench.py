@@ -160,11 +160,11 @@ def reload_under_load(
         result["rejected"] = {
             k: v - rejected_before.get(k, 0.0) for k, v in after.items() if v > rejected_before.get(k, 0.0)
         }
-        # back to following the newest version, and the copy removed
-        httpx.post(url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {token}"}, timeout=600)
     finally:
         done.set()
         shutil.rmtree(new, ignore_errors=True)
+    # the copy removed, back to the served version (now the newest again) and to following new ones
+    httpx.post(url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {token}"}, timeout=600)
     return result
 
 

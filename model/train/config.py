@@ -28,6 +28,9 @@ SPARSE_ID_FORMS = ("auto", "on", "off")
 NEGATIVE_SAMPLERS = ("uniform", "popularity")
 # keys that older runs saved under another name: a resumed run's config.json / checkpoint still loads
 RENAMED_TRAIN_KEYS = {"item_loss": "softmax"}
+# keys a run saved before they existed reads with the behaviour it trained with, not today's default: a
+# sampled-softmax run checkpointed before the row-sparse ID table trained it dense
+PREDATING_TRAIN_KEYS = {"sparse_item_ids": "off"}
 
 
 class ConfigError(ValueError):
@@ -88,7 +91,7 @@ class TrainConfig:
     def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
         """A ``train_config`` a checkpoint stored, its renamed keys (``RENAMED_TRAIN_KEYS``) read under
         their new names."""
-        return cls(**{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in d.items()})
+        return cls(**{**PREDATING_TRAIN_KEYS, **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in d.items()}})
 
     def softmax_for(self, num_items: int) -> str:
         """The L_next form a catalog of ``num_items`` items trains with: "full" or "sampled".
@@ -280,6 +283,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
         _merge_file(raw, Path(path))
+        if Path(path).suffix == ".json":  # a run's config.json: keys it predates keep its behaviour
+            raw["train"] = {**PREDATING_TRAIN_KEYS, **raw["train"]}
     for item in overrides or []:
         _merge(raw, parse_set(item), f"--set {item}")
     try:

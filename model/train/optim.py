@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from model.fair import FAIR
+from model.train.config import ConfigError, TrainConfig
 
 
 class RunOptimizer:
@@ -77,13 +78,28 @@ class RunOptimizer:
             want = "row-sparse" if self.sparse is not None else "dense"
             raise ValueError(
                 f"the checkpoint's item-ID table was trained {have}, this run's config makes it {want}: "
-                f"resume with --set train.sparse_item_ids={'on' if have == 'row-sparse' else 'off'}"
+                f"its config.json should say train.sparse_item_ids = {'on' if have == 'row-sparse' else 'off'}"
             )
         self.dense.load_state_dict(ckpt["optimizer"])
         self.schedulers[0].load_state_dict(ckpt["scheduler"])
         if self.sparse is not None:
             self.sparse.load_state_dict(ckpt["sparse_optimizer"])
             self.schedulers[1].load_state_dict(ckpt["sparse_scheduler"])
+
+
+def row_sparse_ids(train: TrainConfig, num_items: int, distributed: bool, device: str) -> bool:
+    """Whether this run trains its ID table row-sparse: ``train.sparse_ids_for``, except under DDP on
+    CUDA, where DDP's sparse all-reduce goes through NCCL, which standard PyTorch builds do not
+    implement (``allreduce_sparse``): ``auto`` stays dense there and ``on`` is refused. gloo (CPU) is fine."""
+    want = train.sparse_ids_for(num_items)
+    if want and distributed and device.startswith("cuda"):
+        if train.sparse_item_ids == "on":
+            raise ConfigError(
+                'train.sparse_item_ids = "on" under DDP on CUDA: NCCL has no sparse all-reduce in standard '
+                'PyTorch builds; use "auto" (dense there) or "off"'
+            )
+        return False
+    return want
 
 
 def make_item_table_sparse(model: FAIR) -> torch.nn.Parameter:

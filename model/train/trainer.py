@@ -35,7 +35,7 @@ from model.train.config import ConfigError, RunConfig, TrainConfig
 from model.train.distributed import DistInfo, barrier, broadcast_floats
 from model.train.item_init import text_init
 from model.train.objectives import item_loss, mutual_info_loss, next_item_loss, robust_loss
-from model.train.optim import RunOptimizer, clip_grad_norm, make_item_table_sparse
+from model.train.optim import RunOptimizer, clip_grad_norm, make_item_table_sparse, row_sparse_ids
 from model.train.perturb import perturb_history
 from model.train.plots import plot_curves
 from model.train.sampled_softmax import NegativeSampler, sampled_item_logits, sampled_item_loss
@@ -186,7 +186,8 @@ class Trainer:
         # row-sparse ID table (before the weight average copies the network and before DDP wraps it)
         self.sparse_table = (
             make_item_table_sparse(self.model)
-            if self.model.item_emb is not None and t.sparse_ids_for(self.table.num_items)
+            if self.model.item_emb is not None
+            and row_sparse_ids(t, self.table.num_items, self.dist.enabled, self.device)
             else None
         )
         # train.ema_decay: an exponential moving average of the weights (torch's AveragedModel) is what

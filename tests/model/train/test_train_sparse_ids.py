@@ -5,6 +5,7 @@ its checkpoints."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from conftest import TINY, train_cli
 from model.data.loading import load_dataset
 from model.semantic_ids.table import SemanticIdTable
 from model.train.batches import collate, epoch_batches
-from model.train.checkpoint import read_checkpoint
+from model.train.checkpoint import read_checkpoint, save_checkpoint
 from model.train.config import ConfigError, TrainConfig, load_config
-from model.train.optim import clip_grad_norm
+from model.train.optim import clip_grad_norm, row_sparse_ids
 from model.train.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -140,5 +141,34 @@ def test_resuming_with_the_other_table_form_is_a_clear_error(synth, tmp_path, ca
     assert _train(spec, sid, run, "--stop-at-step", "2") == 0
     ckpt = read_checkpoint(run / "checkpoint.pt")
     trainer = _trainer(synth, tmp_path / "other", "train.sparse_item_ids=off")
-    with pytest.raises(ValueError, match="trained row-sparse.*sparse_item_ids=on"):
+    with pytest.raises(ValueError, match="trained row-sparse.*sparse_item_ids = on"):
         trainer.optimizer.load_state_dict(ckpt)
+
+
+def test_under_ddp_on_cuda_auto_stays_dense_and_on_is_refused():
+    """NCCL has no sparse all-reduce in standard PyTorch builds: DDP on CUDA trains the table dense."""
+    sampled = TrainConfig(softmax="sampled")
+    assert row_sparse_ids(sampled, 100, distributed=False, device="cuda")
+    assert row_sparse_ids(sampled, 100, distributed=True, device="cpu")  # gloo all-reduces sparse tensors
+    assert not row_sparse_ids(sampled, 100, distributed=True, device="cuda:0")
+    with pytest.raises(ConfigError, match="NCCL"):
+        row_sparse_ids(
+            TrainConfig(softmax="sampled", sparse_item_ids="on"), 100, distributed=True, device="cuda"
+        )
+
+
+def test_a_run_saved_before_the_key_existed_resumes_dense(synth, tmp_path):
+    """A sampled-softmax run checkpointed before train.sparse_item_ids trained its table dense: its
+    config.json and checkpoint, without the key, read it as "off" (today's default would make it sparse)."""
+    spec, sid = synth
+    run = tmp_path / "run"
+    assert _train(spec, sid, run, "--stop-at-step", "2", "--set", "train.sparse_item_ids=off") == 0
+    ckpt_path = run / "checkpoint.pt"
+    ckpt = read_checkpoint(ckpt_path)
+    del ckpt["train_config"]["sparse_item_ids"]  # as written before the key existed
+    save_checkpoint(ckpt_path, ckpt)
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["sparse_item_ids"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert _train(spec, sid, run, "--resume", str(run), "--stop-at-step", "4") == 0
+    assert "sparse_optimizer" not in read_checkpoint(ckpt_path)
