@@ -46,7 +46,7 @@ from report import print_records  # noqa: E402  (bench/report.py: the script's f
 from model.data.loading import load_dataset  # noqa: E402
 from model.semantic_ids.table import SemanticIdTable  # noqa: E402
 from model.train.batches import collate, epoch_batches  # noqa: E402
-from model.train.config import load_config  # noqa: E402
+from model.train.config import TrainConfig, load_config  # noqa: E402
 from model.train.trainer import Trainer  # noqa: E402
 
 FORMS = ("full", "sampled")
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", type=parse_case, action="append", required=True, help="DATA:form[,form]")
     p.add_argument("--config", default=str(ROOT / "configs/amazon.toml"))
     p.add_argument("--set", action="append", default=[], help="--set override for every case")
-    p.add_argument("--num-negatives", type=int, default=2048)
+    p.add_argument("--num-negatives", type=int, default=TrainConfig().num_negatives,
+                   help="sampled softmax negatives per batch (default: the config default, %(default)s)")
     p.add_argument("--sampler", default="popularity", choices=("uniform", "popularity"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10)

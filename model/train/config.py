@@ -63,7 +63,7 @@ class TrainConfig:
     # corrected) | "auto": sampled when the catalog has at least sampled_softmax_min_items items
     softmax: str = "auto"
     sampled_softmax_min_items: int = 200_000
-    num_negatives: int = 2048  # negatives drawn per batch, shared by its rows (also L_robust's candidates)
+    num_negatives: int = 8192  # negatives drawn per batch, shared by its rows (also L_robust's candidates)
     negative_sampler: str = "popularity"  # proposal Q: "uniform" | "popularity" ((count + 1) ** alpha)
     negative_sampler_alpha: float = 0.75  # the popularity proposal's exponent
     # the item-ID table's update: "on" = row-sparse (sparse gradient of the rows a step touches, SparseAdam:
