@@ -49,6 +49,23 @@ tools:
 stack-test: install
 	$(BIN)/python deploy/offline/stack_test.py $(STACK_TEST_ARGS)
 
+# The hash-pinned lock files the images install from (deploy/requirements/*.lock.txt, read by the
+# Dockerfile with pip --require-hashes), regenerated from pyproject.toml with uv. uv lives in its own
+# venv (.fair/lock-venv), never in the project's. Existing pins are kept: LOCK_ARGS=--upgrade moves them.
+# TORCH_FIND_LINKS: where the torch builds are listed (the PyTorch page, or a local directory of wheels);
+# TORCH_VARIANT=cu126 writes the lock pair for a CUDA training image (--build-arg TORCH_VARIANT=cu126).
+.PHONY: lock
+UV_VERSION := 0.13.8
+LOCK_VENV := .fair/lock-venv
+TORCH_VARIANT ?= cpu
+TORCH_FIND_LINKS ?= https://download.pytorch.org/whl/torch/
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/uv --version 2>/dev/null | grep -qF 'uv $(UV_VERSION) ' \
+	  || $(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION)
+	$(LOCK_VENV)/bin/python deploy/requirements/lock.py --uv $(LOCK_VENV)/bin/uv \
+	  --torch-variant $(TORCH_VARIANT) --torch-find-links $(TORCH_FIND_LINKS) $(LOCK_ARGS)
+
 # ruff over everything; mypy over the serving path (service/, export/bundle.py: [tool.mypy] in pyproject.toml)
 lint: install
 	$(BIN)/ruff check .

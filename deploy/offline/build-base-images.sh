@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: deploy/offline/build-base-images.sh [--mirror URL] [--suite SUITE] [--ca-dir DIR] [--force]
+usage: deploy/offline/build-base-images.sh [--mirror URL] [--suite SUITE] [--keyring FILE] [--ca-dir DIR] [--force]
 
 Makes these local images from Debian packages (no registry is contacted):
 
@@ -20,27 +20,39 @@ Then build the stack with the offline override (see docs/operations.md, "Buildin
 
 Options:
   --mirror URL   Debian mirror for debootstrap and for apt inside the images
-                 (default: $DEBIAN_MIRROR or http://deb.debian.org/debian)
+                 (default: $DEBIAN_MIRROR or https://deb.debian.org/debian)
   --suite NAME   Debian suite (default: bookworm; its python3 is the 3.11 the project needs)
+  --keyring FILE the OpenPGP keys the mirror's Release file must be signed with: debootstrap
+                 refuses the mirror otherwise (--force-check-gpg), and apt inside the images
+                 checks with the same keys (default: /usr/share/keyrings/debian-archive-keyring.gpg,
+                 Debian's own archive keys from the debian-archive-keyring package; give your
+                 own for an internal mirror that re-signs, e.g. aptly or reprepro)
   --ca-dir DIR   extra CA certificates (*.crt) to trust inside the images, e.g. the CA of a
                  TLS-intercepting proxy or of an internal PyPI mirror
                  (default: /usr/local/share/ca-certificates, the host's own extra CAs)
   --force        rebuild images that already exist (default: keep them)
 
-Needs root (debootstrap), the debootstrap package and a running Docker engine. The three derived
-images are built with `docker build --network host`, so apt inside them reaches the same mirror
-the host does.
+Needs root (debootstrap), the debootstrap, gpgv and debian-archive-keyring packages and a running
+Docker engine. The three derived images are built with `docker build --network host`, so apt inside
+them reaches the same mirror the host does.
+
+Trust: the Release file's signature is what makes the packages trustworthy (it lists the hash of
+every package index, and the indexes the hash of every package), so an http mirror is safe to use
+and https only adds privacy; an unsigned or wrongly signed mirror stops the build.
 USAGE
 }
 
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DEBIAN_MIRROR:-https://deb.debian.org/debian}
 SUITE=bookworm
+DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+KEYRING=$DEBIAN_KEYRING
 CA_DIR=/usr/local/share/ca-certificates
 FORCE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mirror) MIRROR=$2; shift 2 ;;
     --suite) SUITE=$2; shift 2 ;;
+    --keyring) KEYRING=$2; shift 2 ;;
     --ca-dir) CA_DIR=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -56,6 +68,8 @@ have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 [ "$(id -u)" = 0 ] || die "debootstrap needs root; run it with sudo"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
+command -v gpgv >/dev/null || die "gpgv is missing (debootstrap checks the mirror's signature with it): apt-get install gpgv"
+[ -s "$KEYRING" ] || die "no keyring at $KEYRING: apt-get install debian-archive-keyring (or --keyring FILE)"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed); start dockerd first"
 
 # ---- 1. the Debian root filesystem, imported as an image --------------------------------------------
@@ -63,8 +77,16 @@ if [ "$FORCE" = 1 ] || ! have_image "$DEBIAN_IMAGE"; then
   started=$(date +%s)
   rootfs=$(mktemp -d /tmp/fair-rootfs.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
-  echo "build-base-images.sh: debootstrap $SUITE from $MIRROR (a few minutes)"
-  debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$rootfs" "$MIRROR" >/dev/null
+  echo "build-base-images.sh: debootstrap $SUITE from $MIRROR, Release signature checked against $KEYRING (a few minutes)"
+  # --force-check-gpg: abort, instead of going on unchecked, when the signature cannot be verified
+  debootstrap --variant=minbase --include=ca-certificates --keyring="$KEYRING" --force-check-gpg \
+    "$SUITE" "$rootfs" "$MIRROR" >/dev/null
+  # apt inside the images checks signatures too (apt depends on debian-archive-keyring, so Debian's
+  # keys are in the root filesystem); a mirror signed with other keys needs those keys there as well.
+  if [ "$KEYRING" != "$DEBIAN_KEYRING" ]; then
+    ext=gpg; case "$KEYRING" in *.asc) ext=asc ;; esac  # apt reads binary .gpg and armored .asc
+    install -m 644 "$KEYRING" "$rootfs/etc/apt/trusted.gpg.d/fair-mirror.$ext"
+  fi
   # apt inside the images: the release, its updates and security fixes. The security archive sits
   # next to the main one on deb.debian.org-style mirrors; a mirror without it fails the apt-get
   # update in the next step, which names the URL.

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -227,36 +226,49 @@ def buildkit_cli_path(path: str) -> str:
 # ---- phase 3: the torch CPU wheel, served to the image build over HTTP --------------------------------
 
 
+TORCH_LOCK = REPO / "deploy" / "requirements" / "torch-cpu.lock.txt"
+
+
 def torch_cpu_requirement() -> str:
-    """`torch==X+cpu` for the torch pin of the [train] extra: only the CPU build may be installed."""
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    pins = [r for r in extras["train"] if re.match(r"torch\s*==", r)]
-    if len(pins) != 1:
-        raise StackError(
-            f"pyproject.toml's [train] extra must pin torch exactly once (torch==X), found {pins}"
-        )
-    version = pins[0].split("==", 1)[1].strip()
-    return f"torch=={version.split('+')[0]}+cpu"
+    """`torch==X+cpu` as locked in deploy/requirements/torch-cpu.lock.txt (what the train image takes)."""
+    pins = re.findall(r"^torch==(\S+)", TORCH_LOCK.read_text(), re.MULTILINE)
+    if len(pins) != 1 or not pins[0].endswith("+cpu"):
+        raise StackError(f"{TORCH_LOCK} must lock exactly one torch==X+cpu, found {pins} (make lock)")
+    return f"torch=={pins[0]}"
 
 
 def fill_wheelhouse(wheelhouse: Path, requirement: str) -> Path:
     """A directory holding the torch CPU wheel, fetched with this machine's pip configuration.
 
     pip takes it from wherever it is configured to (a local find-links directory, an internal
-    mirror, download.pytorch.org/whl/cpu); requiring the +cpu build keeps it from ever taking the
-    CUDA build of the same version.
+    mirror, download.pytorch.org/whl/cpu) and from the wheelhouse itself, but only a file whose
+    sha256 is in the torch lock (--require-hashes): the image build checks the same hashes, so a
+    wheel that would fail there fails here, with the reason.
     """
     wheelhouse.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0]
-    version = requirement.split("==")[1]
-    if not list(wheelhouse.glob(f"{name}-{version}-*.whl")):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheelhouse), requirement]
-        if run(cmd, check=False).returncode != 0:
-            raise StackError(
-                f"pip could not get {requirement} (the CPU build of the pinned torch). Point pip at a "
-                "place that has it (e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu, or "
-                "PIP_FIND_LINKS=DIR) or pass --wheelhouse DIR holding the wheel."
-            )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--only-binary",
+        ":all:",
+        "--find-links",
+        str(wheelhouse),
+        "-d",
+        str(wheelhouse),
+        "-r",
+        str(TORCH_LOCK),
+    ]
+    if run(cmd, check=False).returncode != 0:
+        raise StackError(
+            f"pip could not get {requirement} with a hash from {TORCH_LOCK.name} (the CPU build of the "
+            "pinned torch). Point pip at a place that has it (e.g. "
+            "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu, or PIP_FIND_LINKS=DIR) or pass "
+            "--wheelhouse DIR holding the wheel."
+        )
     wheels = sorted(p.name for p in wheelhouse.glob("*.whl"))
     print(f"wheelhouse {wheelhouse}: {', '.join(wheels)}", flush=True)
     return wheelhouse
@@ -562,7 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--wheelhouse",
         type=Path,
         default=REPO / ".fair" / "stack" / "wheelhouse",
-        help="directory with the torch CPU wheel; filled with `pip download` when it lacks it "
+        help="directory with the torch CPU wheel; filled with `pip download` (hash-checked against "
+        "deploy/requirements/torch-cpu.lock.txt) when it lacks it "
         "(default .fair/stack/wheelhouse)",
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get install or start dockerd")
@@ -589,7 +602,6 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         env.update(
             FAIR_WHEELHOUSE_URL=wheel_url,
-            FAIR_TORCH_REQUIREMENT=requirement,
             FAIR_API_PORT=str(api_port),
             PROMETHEUS_PORT=str(prom_port),
             GRAFANA_PORT=str(free_port()),

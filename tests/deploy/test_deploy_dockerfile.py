@@ -88,7 +88,8 @@ def test_serving_images_hold_no_training_packages(dockerfile, target):
     for stage in lineage(stages, target):
         for cmd in pip_installs(stage):
             assert not any(pkg in cmd for pkg in TRAINING_ONLY), f"{stage.name}: {cmd}"
-            assert "/wheels/" in cmd or "onnxruntime-gpu" in cmd, (
+            # the serving lock (its contents: test_deploy_supply_chain.py) or the project's wheel
+            assert re.search(r"-r \S*/serve(-gpu)?\.lock\.txt\b", cmd) or "/wheels/" in cmd, (
                 f"{stage.name} installs something unexpected: {cmd}"
             )
 
@@ -98,16 +99,21 @@ def test_runtime_image_refuses_to_build_with_torch(dockerfile):
     assert any("import torch" in run and "exit 1" in run for run in stages["runtime"].all("RUN"))
 
 
-def test_gpu_image_swaps_onnxruntime_for_onnxruntime_gpu(dockerfile):
+def test_gpu_image_has_onnxruntime_gpu_instead_of_onnxruntime(dockerfile):
     global_args, stages, _ = dockerfile
     gpu = stages["runtime-gpu"]
     assert gpu.base == "${CUDA_IMAGE}" and global_args["CUDA_IMAGE"].startswith("nvidia/cuda:")
-    steps = [s.strip() for run in gpu.all("RUN") for s in run.split("&&")]
-    uninstall = steps.index("pip uninstall -y onnxruntime")
-    install_gpu = next(
-        i for i, s in enumerate(steps) if s.startswith("pip install") and "onnxruntime-gpu" in s
-    )
-    assert uninstall < install_gpu  # the two packages overwrite each other's files
+    installs = pip_installs(gpu)
+    # its own lock (onnxruntime-gpu, never onnxruntime: the two packages overwrite each other's files;
+    # test_deploy_supply_chain.py checks the lock), then the project's wheel without its dependencies,
+    # since its metadata names onnxruntime
+    assert any("serve-gpu.lock.txt" in cmd for cmd in installs)
+    (wheel,) = [cmd for cmd in installs if "/wheels/" in cmd]
+    assert "--no-deps" in wheel.split()
+    # pip check tolerates exactly that one missing requirement, and the CUDA provider must be there
+    run = " ".join(gpu.all("RUN"))
+    assert "pip check" in run and "requires onnxruntime, which is not installed" in run
+    assert "'CUDAExecutionProvider' in ort.get_available_providers()" in run
 
 
 def test_train_image_installs_the_train_extra(dockerfile):

@@ -62,15 +62,17 @@ def test_train_build_takes_only_the_cpu_build_of_the_pinned_torch():
         "train"
     ]
     (pin,) = [r for r in train_extra if r.startswith("torch==")]
+    # the torch lock the train image installs with --require-hashes: the CPU build of the pin
+    lock = (DEPLOY / "requirements" / "torch-cpu.lock.txt").read_text()
+    assert re.findall(r"^torch==(\S+)", lock, re.MULTILINE) == [pin.split("==")[1] + "+cpu"]
     args = load("docker-compose.offline.yml")["services"]["bootstrap"]["build"]["args"]
-    default = re.fullmatch(r"\$\{FAIR_TORCH_REQUIREMENT:-(.+)\}", args["TORCH_REQUIREMENT"]).group(1)
-    assert default == pin + "+cpu"
     assert args["TORCH_INDEX_URL"] == ""  # no download.pytorch.org on a machine without it
-    # ...and the Dockerfile passes all three to pip
+    assert args["WHEELHOUSE_URL"].startswith("${FAIR_WHEELHOUSE_URL:-http://127.0.0.1:")
+    # ...and the Dockerfile reads every argument the override passes (an unread one does nothing)
     dockerfile = (REPO / "Dockerfile").read_text()
-    for arg in ("TORCH_INDEX_URL", "WHEELHOUSE_URL", "TORCH_REQUIREMENT"):
-        assert re.search(rf"^ARG {arg}=", dockerfile, re.MULTILINE), arg
-        assert f"${{{arg}:+" in dockerfile, arg
+    for arg in args:
+        assert re.search(rf"^ARG {arg}\b", dockerfile, re.MULTILINE), arg
+    assert 'set -- --no-index --find-links "$WHEELHOUSE_URL"' in dockerfile
 
 
 def test_grafana_waits_for_an_image_behind_a_profile():
