@@ -1,23 +1,29 @@
 """Idempotent writes: an event is stored once, whether the Redis client or the caller sends it twice.
 
-Each test freezes a Redis server it owns (SIGSTOP) longer than FAIR_REDIS_TIMEOUT_MS, as a stalled or
-overloaded Redis does, so the first copy of the write reaches Redis but its answer comes too late.
+Each test freezes a Redis server it owns (SIGSTOP), as a stalled or overloaded Redis does, so the first
+copy of the write reaches Redis but its answer comes too late. The server is thawed when a condition
+says the scenario has happened (the client library's retry is waiting on the frozen server, the caller
+got its 503), never after a fixed time: on a loaded 2-core machine a timer raced the timeouts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import quote
 
 import httpx
 import pytest
+import redis
 from pydantic import ValidationError
 from redis.crc import key_slot
 from service_testlib import LiveServer, make_settings
@@ -25,6 +31,8 @@ from service_testlib import LiveServer, make_settings
 from service.embedded_redis import EmbeddedRedis
 from service.redis_store import dedupe_key
 from service.settings import Settings
+
+WAIT_S = 60.0  # the most any condition below is waited for (a loaded machine, not a timing margin)
 
 
 @contextmanager
@@ -40,39 +48,85 @@ def own_redis_server(tiny_bundle, **overrides):
             redis_server.stop()
 
 
-def frozen_for(redis_server: EmbeddedRedis, seconds: float) -> threading.Thread:
+@contextmanager
+def frozen(redis_server: EmbeddedRedis) -> Iterator[None]:
+    """The server stopped (SIGSTOP) for the block: connections still queue in the kernel, nothing is
+    read or answered; thawed (SIGCONT) on leaving the block, whatever happened in it."""
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
-    thaw = threading.Timer(seconds, os.kill, (redis_server.proc.pid, signal.SIGCONT))
-    thaw.start()
-    return thaw
+    try:
+        yield
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
+        time.sleep(0.01)
+
+
+def pending_connections(socket_path) -> int:
+    """Connections waiting in the listen queue of a Unix socket (``ss``'s Recv-Q of a listening socket):
+    on a frozen server, each is a client that connected since the freeze."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.fail("`ss` (iproute2) is not on PATH: this test reads a socket's listen queue with it")
+    out = subprocess.run([ss, "-xlnH"], capture_output=True, text=True, check=True, timeout=30).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[4] == str(socket_path):
+            return int(fields[2])
+    raise AssertionError(f"no listening socket {socket_path} in `ss -xl`:\n{out}")
+
+
+def store_client(redis_server: EmbeddedRedis) -> redis.Redis:
+    """Our own view of the server, with a timeout for a loaded machine."""
+    return redis.Redis(
+        unix_socket_path=str(redis_server.socket_path), socket_timeout=10, decode_responses=True
+    )
 
 
 def test_a_write_retried_by_the_redis_client_is_stored_once(tiny_bundle):
     """The issue's repro: a stall longer than the Redis timeout stored the item twice and answered 200
-    (the client library re-sent the MULTI/RPUSH/EXEC after the first copy landed). The stall (0.7 s)
-    ends well inside the library's second attempt (0.5 s timeout each), even on a busy machine."""
-    with own_redis_server(tiny_bundle, redis_timeout_ms=500) as (live, redis_server):
+    (the client library re-sent the MULTI/RPUSH/EXEC after the first copy landed). The server stays
+    frozen until the library's retry has connected to it, i.e. the first copy was sent and timed out;
+    thawed then, the server runs both copies and the retry gets its answer well inside its timeout."""
+    with own_redis_server(tiny_bundle, redis_timeout_ms=2_000) as (live, redis_server):
         warm = httpx.get(f"{live.url}/users/d1/history")  # a pooled connection, as in traffic
         assert warm.status_code == 200
-        thaw = frozen_for(redis_server, 0.7)
-        r = httpx.post(f"{live.url}/users/d1/events", json={"item_ids": ["item0"]}, timeout=10)
-        thaw.join()
+        answer: list[httpx.Response] = []
+        with frozen(redis_server):
+            assert pending_connections(redis_server.socket_path) == 0
+            write = threading.Thread(
+                target=lambda: answer.append(
+                    httpx.post(f"{live.url}/users/d1/events", json={"item_ids": ["item0"]}, timeout=60)
+                )
+            )
+            write.start()
+            wait_until(
+                lambda: pending_connections(redis_server.socket_path) >= 1,
+                "the Redis client's retry connecting to the frozen server",
+            )
+            assert not answer  # still waiting for the retry's answer
+        write.join(WAIT_S)
+        (r,) = answer
         assert r.status_code == 200, r.text  # the client's retry found the recorded answer
         assert "idempotent-replayed" not in r.headers  # the caller sent no key: nothing to tell it
         assert httpx.get(f"{live.url}/users/d1/history").json()["item_ids"] == ["item0"]
 
 
 def test_a_client_retry_with_an_idempotency_key_is_applied_once(tiny_bundle):
-    with own_redis_server(tiny_bundle, redis_timeout_ms=100, request_timeout_ms=5_000) as (
-        live,
-        redis_server,
-    ):
+    with own_redis_server(tiny_bundle, redis_timeout_ms=1_000) as (live, redis_server):
         url, key = f"{live.url}/users/d2/events", {"Idempotency-Key": "evt-7f3a"}
         assert httpx.post(url, json={"item_ids": ["item1"]}).json()["history_length"] == 1
-        thaw = frozen_for(redis_server, 1.0)
-        first = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key, timeout=10)
+        with frozen(redis_server):  # until the caller has its answer: both attempts time out
+            first = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key, timeout=60)
         assert first.status_code == 503, first.text  # timed out: the caller cannot know it was stored
-        thaw.join()
+        # thawed, the server runs the copy it had received (that is the point: it was stored)
+        probe = store_client(redis_server)
+        history_key = live.settings.history_key("d2")
+        wait_until(lambda: probe.llen(history_key) == 3, "the write sent before the 503 landing")
         retry = httpx.post(url, json={"item_ids": ["item2", "item3"]}, headers=key, timeout=10)
         assert retry.status_code == 200, retry.text
         assert retry.json()["history_length"] == 3
@@ -87,18 +141,36 @@ def test_a_client_retry_with_an_idempotency_key_is_applied_once(tiny_bundle):
         other = httpx.post(f"{live.url}/users/d3/events", json={"item_ids": ["item9"]}, headers=key)
         assert other.status_code == 200 and "idempotent-replayed" not in other.headers
         assert httpx.get(f"{live.url}/users/d2/history").json()["item_ids"] == ["item1", "item2", "item3"]
+        assert probe.llen(history_key) == 3
+        probe.close()
 
 
 def test_the_dedupe_key_expires_after_the_configured_ttl(tiny_bundle):
     with own_redis_server(tiny_bundle, idempotency_ttl_s=1) as (live, redis_server):
-        url, key = f"{live.url}/users/d4/events", {"Idempotency-Key": "k1"}
-        assert httpx.post(url, json={"item_ids": ["item1"]}, headers=key).json()["history_length"] == 1
-        idem = dedupe_key(live.settings.history_key("d4"), "k1", live.settings.idempotency_key_prefix)
-        assert 0 < redis_server._probe().pttl(idem) <= 1000
-        replay = httpx.post(url, json={"item_ids": ["item1"]}, headers=key)
-        assert replay.json()["history_length"] == 1
-        time.sleep(1.3)  # past the TTL the key is forgotten: the same key is a new write
-        assert httpx.post(url, json={"item_ids": ["item1"]}, headers=key).json()["history_length"] == 2
+        probe = store_client(redis_server)
+        # A replay is a replay only while the record lives (1 s). Whether it did is measured, not
+        # assumed: the record's time left before the replay exceeds the replay's whole round trip.
+        # A machine that stalls longer than that gets another try with a fresh user.
+        for attempt in range(20):
+            user, key = f"d4-{attempt}", {"Idempotency-Key": "k1"}
+            url = f"{live.url}/users/{user}/events"
+            assert httpx.post(url, json={"item_ids": ["item1"]}, headers=key).json()["history_length"] == 1
+            idem = dedupe_key(live.settings.history_key(user), "k1", live.settings.idempotency_key_prefix)
+            started = time.monotonic()
+            left_ms = probe.pttl(idem)
+            assert left_ms <= 1000  # the configured TTL (-2 once expired)
+            replay = httpx.post(url, json={"item_ids": ["item1"]}, headers=key)
+            if (time.monotonic() - started) * 1000 < left_ms:
+                assert replay.json()["history_length"] == 1
+                assert replay.headers["idempotent-replayed"] == "true"
+                break
+        else:
+            pytest.fail("20 tries: the machine never answered a replay within the 1 s TTL")
+        # past the TTL the key is forgotten: the same key is a new write
+        wait_until(lambda: not probe.exists(idem), "the dedupe record expiring")
+        again = httpx.post(url, json={"item_ids": ["item1"]}, headers=key)
+        assert again.json()["history_length"] == 2 and "idempotent-replayed" not in again.headers
+        probe.close()
 
 
 @pytest.mark.parametrize("bad", ["", "with space", "x" * 129, "é"])
