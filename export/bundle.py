@@ -36,8 +36,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,12 +47,14 @@ from typing import Any
 
 import numpy as np
 
+from export import signing
+from export.signing import SIGNATURE_FILE, SignatureError
 from model.search.folded import CodeHeads, FoldedScorer
 from model.search.inputs import CODE_INPUTS, ITEM_INDEX_INPUTS, ITEM_VECTOR_INPUTS
 from model.search.item_scores import ItemScorer, Scorer
 from model.search.modes.ann import attach_index
 from model.search.modes.base import SearchConfigError, SearchMode
-from model.search.modes.registry import manifest_schema, mode_from_manifest
+from model.search.modes.registry import manifest_schema, mode_from_manifest, mode_params
 from model.semantic_ids.table import SemanticIdError, SemanticIdTable
 from model.semantic_ids.trie import CodeTrie
 
@@ -152,7 +156,57 @@ _STAGING_PREFIX = ".staging-"
 
 
 class BundleError(ValueError):
-    """A bundle that cannot be used: missing, incomplete, corrupt, or inconsistent with itself."""
+    """A bundle that cannot be used: missing, incomplete, corrupt, or inconsistent with itself.
+
+    ``reason`` is a short fixed word for counting refusals (the service's ``fair_bundles_refused_total``);
+    the message says the rest."""
+
+    reason = "invalid"
+
+
+class BundleSignatureError(BundleError):
+    """Unsigned while a signing key is configured, or signed with another key / over other bytes."""
+
+    reason = "signature"
+
+
+class BundleChecksumError(BundleError):
+    """A file whose sha256 is not the manifest's, or a file missing, unlisted or not allowed."""
+
+    reason = "checksum"
+
+
+class BundleLimitError(BundleError):
+    """A manifest field (or an array file) asking for more than its cap."""
+
+    reason = "limit"
+
+
+class UnsafeBundleError(BundleError):
+    """A bundle directory holding a symlink or another non-file, or a file others may write."""
+
+    reason = "unsafe_files"
+
+
+# ---- caps: every manifest field that sizes an allocation or a loop in the reader --------------------
+# One large value must not run a pod out of memory (issue 24.2). Generous for a 10M-item catalog: what
+# the service allocates per batch from these is bounded by them (see docs/architecture.md, "Bundle").
+MAX_ITEMS = 50_000_000  # num_items: the catalog (5x the 10M the project is sized for)
+MAX_CODE_LENGTH = 32  # code_length L (3-4 in practice): [batch, history, L] inputs, beam levels
+MAX_CODEBOOK_SIZE = 65_536  # codebook_size V (256 in practice): the beam's [batch, width, V] scores
+MAX_HISTORY_ITEMS = 4_096  # max_history (20 by default): the [batch, N <= max_history, ...] inputs, warm-up
+MAX_WIDTH = 8_192  # D, the model width (128 in practice): item_inputs [batch, N, D], history [batch, D]
+MAX_DIM = 65_536  # any other integer dimension the manifest's inputs / outputs list (e.g. V of code_scores)
+MAX_CANDIDATES = 10_000  # search.candidates (200 by default): beam width / ann candidates per user
+MAX_NPROBE = 65_536  # search.nprobe: probes are bounded by the index's lists anyway (~4 sqrt(I))
+MAX_SEARCH_PARAM = 65_536  # any other (future) search parameter
+SEARCH_PARAM_CAPS = {"candidates": MAX_CANDIDATES, "nprobe": MAX_NPROBE}
+_TOP_LEVEL_CAPS = (
+    ("num_items", MAX_ITEMS),
+    ("code_length", MAX_CODE_LENGTH),
+    ("codebook_size", MAX_CODEBOOK_SIZE),
+    ("max_history", MAX_HISTORY_ITEMS),
+)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -230,14 +284,37 @@ def resolve_bundle(path: str | os.PathLike, version: int | None = None) -> Path:
 
 
 # ---- reading and checking ---------------------------------------------------------------------------
-def read_manifest(bundle_dir: str | os.PathLike) -> dict:
-    """Parse and sanity-check ``manifest.json`` (schema version, required keys, precision)."""
-    path = Path(bundle_dir) / MANIFEST_FILE
+# a manifest is a few KB (an ann/auto record included); a larger one is not ours and is not read whole
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def read_manifest(bundle_dir: str | os.PathLike, signing_keys: Sequence[bytes] = ()) -> dict:
+    """Parse and sanity-check ``manifest.json`` (schema version, required keys, precision, caps).
+
+    With ``signing_keys``, ``manifest.sig`` must be a valid signature of the manifest's bytes by one of
+    them (``export.signing``), checked on the very bytes parsed here, and the signed manifest must name
+    the directory it sits in (``NAME/VERSION``): a signed bundle cannot be served under another name or
+    version. A problem with the signature is a ``BundleSignatureError``.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_FILE
     if not path.is_file():
         raise BundleError(f"{path}: no such manifest")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"{path}: not a readable JSON manifest ({exc})") from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleLimitError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes, not a bundle manifest")
+    if signing_keys:
+        try:
+            signing.verify(bundle_dir, raw, signing_keys)
+        except SignatureError as exc:
+            raise BundleSignatureError(str(exc)) from exc
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{path}: not a readable JSON manifest ({exc})") from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: manifest must be a JSON object")
@@ -268,24 +345,118 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict:
         mode_from_manifest(manifest["search"])
     except SearchConfigError as exc:
         raise BundleError(f"{path}: field 'search' must be {manifest_schema()} ({exc})") from exc
+    check_limits(manifest, path)
+    if signing_keys:
+        real = bundle_dir.resolve()
+        if manifest["name"] != real.parent.name or str(manifest["version"]) != real.name:
+            raise BundleSignatureError(
+                f"{path}: signed for {manifest['name']}/{manifest['version']} but found in "
+                f"{real.parent.name}/{real.name}: a signed bundle is served only where it was written"
+            )
     return manifest
 
 
-def verify_checksums(bundle_dir: str | os.PathLike) -> list[str]:
+def check_limits(manifest: Mapping, where: str | os.PathLike = MANIFEST_FILE) -> None:
+    """Raise ``BundleLimitError`` naming the field, its value and its cap when a manifest field that
+    sizes an allocation or a loop is not an integer in ``[1, cap]`` (the caps above)."""
+
+    def check(field: str, value: object, cap: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BundleLimitError(f"{where}: manifest field {field} must be an integer, got {value!r}")
+        if not 1 <= value <= cap:
+            raise BundleLimitError(
+                f"{where}: manifest field {field} = {value} is outside [1, {cap}] (the cap of this reader)"
+            )
+
+    for field, cap in _TOP_LEVEL_CAPS:
+        check(field, manifest[field], cap)
+    search = manifest["search"]
+    for p in mode_params():  # every registered parameter the manifest records
+        if p.name in search:
+            check(f"search.{p.name}", search[p.name], SEARCH_PARAM_CAPS.get(p.name, MAX_SEARCH_PARAM))
+    index = search.get("index")
+    if isinstance(index, Mapping):  # the ann index's record (the index itself is read from its file)
+        for key, cap in (("nlist", int(manifest["num_items"])), ("dim", MAX_WIDTH + 1)):
+            if key in index:
+                check(f"search.index.{key}", index[key], cap)
+    for group in ("inputs", "outputs"):
+        entries = manifest[group]
+        if not isinstance(entries, list):
+            raise BundleError(f"{where}: field {group!r} must be a list")
+        for entry in entries:
+            shape = entry.get("shape") if isinstance(entry, Mapping) else None
+            for axis, dim in enumerate(shape if isinstance(shape, list) else ()):
+                if isinstance(dim, int):  # named axes (batch, items) are sized per request
+                    check(f"{group}[{entry.get('name')}].shape[{axis}]", dim, MAX_DIM)
+    width = _model_width(manifest)
+    if width is not None:
+        check(f"inputs[{ITEM_INPUTS_INPUT}] width", width, MAX_WIDTH)
+    for key in ("item_table", "item_ids"):
+        record = manifest.get(key)
+        if isinstance(record, Mapping) and "dim" in record and record["dim"] != 0:  # 0: no item IDs
+            check(f"{key}.dim", record["dim"], MAX_WIDTH)
+
+
+def unsafe_entries(bundle_dir: str | os.PathLike) -> list[str]:
+    """What makes a version directory unsafe to read, one line each (empty: nothing).
+
+    The directory itself must be a real directory (not a symlink), and every entry in it a regular file
+    (no symlink, which would make the service read whatever it points to, no subdirectory, device or
+    pipe); none of them may be writable by group or others (``chmod go-w``): those could change a bundle
+    between its checks and its use, or after it was signed. ``lstat`` throughout: nothing is followed.
+    """
+    bundle_dir = Path(bundle_dir)
+    problems = []
+    try:
+        st = os.lstat(bundle_dir)
+    except OSError as exc:
+        return [f"{bundle_dir}: cannot stat ({exc.strerror or exc})"]
+    if stat.S_ISLNK(st.st_mode):
+        return [f"{bundle_dir}: the version directory is a symlink; bundles are served from real directories"]
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{bundle_dir}: not a directory"]
+    if st.st_mode & 0o022:
+        problems.append(f"{bundle_dir}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+    with os.scandir(bundle_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            est = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(est.st_mode):
+                problems.append(f"{entry.name}: a symlink (not followed); bundle files must be regular files")
+            elif not stat.S_ISREG(est.st_mode):
+                problems.append(f"{entry.name}: not a regular file")
+            elif est.st_mode & 0o022:
+                problems.append(
+                    f"{entry.name}: writable by group or others (mode {stat.S_IMODE(est.st_mode):o})"
+                )
+    return problems
+
+
+def check_safe(bundle_dir: str | os.PathLike) -> None:
+    """``unsafe_entries`` as a ``UnsafeBundleError`` (with how to fix the modes)."""
+    problems = unsafe_entries(bundle_dir)
+    if problems:
+        hint = " (chmod -R go-w the version directory)" if any("writable" in p for p in problems) else ""
+        raise UnsafeBundleError(f"{bundle_dir}: refused: " + "; ".join(problems) + hint)
+
+
+def verify_checksums(bundle_dir: str | os.PathLike, manifest: Mapping | None = None) -> list[str]:
     """Every problem with the bundle's files, one line each; an empty list means all checksums match.
 
     Checks that every file the layout needs is listed, that every listed file exists and has the
-    recorded sha256, and that no stray file sits in the directory unlisted.
+    recorded sha256, and that no stray file sits in the directory unlisted (``manifest.sig`` is not
+    listed: it signs the manifest, which lists the rest). ``manifest``: the one already read (and its
+    signature checked) by the caller; by default it is read here.
     """
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
+    if manifest is None:
+        manifest = read_manifest(bundle_dir)
     files: dict[str, str] = manifest["files"]
     needed = required_files(manifest)
     problems = [f"{name}: not listed in {MANIFEST_FILE}" for name in needed if name not in files]
     for name, expected in sorted(files.items()):
         path = bundle_dir / name
-        if Path(name).name != name:
-            problems.append(f"{name}: file names in a bundle must not contain directories")
+        if Path(name).name != name or name in (MANIFEST_FILE, SIGNATURE_FILE):
+            problems.append(f"{name}: not a file name a bundle may list")
         elif not path.is_file():
             problems.append(f"{name}: missing")
         else:
@@ -293,9 +464,31 @@ def verify_checksums(bundle_dir: str | os.PathLike) -> list[str]:
             if actual != expected:
                 problems.append(f"{name}: sha256 {actual} != {expected} recorded in {MANIFEST_FILE}")
     for child in sorted(bundle_dir.iterdir()):
-        if child.name != MANIFEST_FILE and child.name not in files:
+        if child.name not in (MANIFEST_FILE, SIGNATURE_FILE) and child.name not in files:
             problems.append(f"{child.name}: present but not listed in {MANIFEST_FILE}")
     return problems
+
+
+def check_stored_archives(bundle_dir: Path, names: Sequence[str]) -> None:
+    """Every ``.npz`` among ``names`` must hold its arrays stored, not compressed (``np.savez``, what
+    every writer here uses), so reading one never takes more memory than its size on disk: a small
+    deflated member can expand to gigabytes (a zip bomb) before any shape check could run."""
+    for name in names:
+        if not name.endswith(".npz"):
+            continue
+        path = bundle_dir / name
+        size = path.stat().st_size
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path}: not a readable .npz archive ({exc})") from exc
+        for m in members:
+            if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+                raise BundleLimitError(
+                    f"{path}: member {m.filename} is compressed ({m.file_size} bytes unpacked from "
+                    f"{m.compress_size}); bundle archives hold their arrays stored (np.savez)"
+                )
 
 
 @dataclass
@@ -352,21 +545,33 @@ class LoadedBundle:
         return self.search.name
 
 
-def load_bundle(path: str | os.PathLike, verify: bool = True, version: int | None = None) -> LoadedBundle:
+def load_bundle(
+    path: str | os.PathLike,
+    verify: bool = True,
+    version: int | None = None,
+    signing_keys: Sequence[bytes] = (),
+) -> LoadedBundle:
     """Read a bundle (``path`` as for ``resolve_bundle``); with ``verify`` every checksum is checked first.
 
-    Also checks the parts agree with each other (table vs manifest, popular indices in range), so the
-    service fails at load time with one clear message rather than with wrong recommendations later.
+    In this order, nothing read before it is checked: the directory holds only regular files nobody but
+    their owner may write (``unsafe_entries``); with ``signing_keys`` the manifest is signed by one of
+    them (then the checksums are always verified: the signature covers the files through them); the
+    manifest is well-formed and within the caps (``check_limits``); the checksums; archives stored, not
+    compressed. Then the parts are read and checked against each other (table vs manifest, popular
+    indices in range), so the service fails at load time with one clear message rather than with wrong
+    recommendations later.
     """
     bundle_dir = resolve_bundle(path, version)
-    manifest = read_manifest(bundle_dir)
-    if verify:
-        problems = verify_checksums(bundle_dir)
+    check_safe(bundle_dir)
+    manifest = read_manifest(bundle_dir, signing_keys)
+    if verify or signing_keys:
+        problems = verify_checksums(bundle_dir, manifest)
         if problems:
-            raise BundleError(f"{bundle_dir}: checksum check failed: " + "; ".join(problems))
+            raise BundleChecksumError(f"{bundle_dir}: checksum check failed: " + "; ".join(problems))
     for name in required_files(manifest):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"{bundle_dir / name}: missing")
+    check_stored_archives(bundle_dir, required_files(manifest))
     try:
         table = SemanticIdTable.load(bundle_dir / SEMANTIC_IDS_FILE)
     except SemanticIdError as exc:
@@ -639,15 +844,18 @@ class BundleStaging:
             except OSError:
                 break
 
-    def commit(self, manifest: Mapping, version: int | None = None) -> Path:
+    def commit(self, manifest: Mapping, version: int | None = None, signing_key: bytes | None = None) -> Path:
         """Hash the staged files, write the manifest (with ``version`` and ``files``) and rename into place.
 
         ``version=None`` takes the next free integer; if another exporter takes it first, the next one.
-        A pinned version that already exists is an error (versions are immutable).
+        A pinned version that already exists is an error (versions are immutable). With ``signing_key``
+        the manifest's signature (``manifest.sig``, ``export.signing``) is written before the rename,
+        so a signed version appears with its signature. Modes: the umask's, minus group and other write
+        (a reader refuses bundle files others may write: ``unsafe_entries``).
         """
         if self.path is None:
             raise RuntimeError("BundleStaging.commit outside its with-block")
-        staged = sorted(p.name for p in self.path.iterdir() if p.name != MANIFEST_FILE)
+        staged = sorted(p.name for p in self.path.iterdir() if p.name not in (MANIFEST_FILE, SIGNATURE_FILE))
         schema = manifest.get("schema_version", SCHEMA_VERSION)  # an older layout only when asked for
         if schema not in READABLE_SCHEMAS:
             raise BundleError(f"cannot write schema_version {schema!r}, only {list(READABLE_SCHEMAS)}")
@@ -656,8 +864,13 @@ class BundleStaging:
             raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
         files = {name: sha256_file(self.path / name) for name in staged}
         # mkdtemp made the directory private (0700); a bundle is read by the service, often as
-        # another user (a container's uid), so it gets the mode an ordinary mkdir would give
-        os.chmod(self.path, 0o777 & ~_current_umask())
+        # another user (a container's uid), so it gets the mode an ordinary mkdir would give, and its
+        # files those an ordinary create would, never writable by group or others (a umask of 002,
+        # Debian's default for users with a private group, would make them so, and readers refuse that)
+        umask = _current_umask() | 0o022
+        os.chmod(self.path, 0o777 & ~umask)
+        for name in staged:
+            os.chmod(self.path / name, 0o666 & ~umask)
         for attempt in range(100):
             v = version if version is not None else next_version(self.model_dir)
             if v < 1:
@@ -670,6 +883,12 @@ class BundleStaging:
             if missing_keys:
                 raise BundleError(f"manifest lacks field(s) {', '.join(missing_keys)}")
             _write_json(self.path / MANIFEST_FILE, full)
+            os.chmod(self.path / MANIFEST_FILE, 0o666 & ~umask)
+            if signing_key is not None:
+                sig = signing.write_signature(
+                    self.path, (self.path / MANIFEST_FILE).read_bytes(), signing_key
+                )
+                os.chmod(sig, 0o666 & ~umask)
             try:
                 os.rename(self.path, target)  # atomic; fails if target exists and is not empty
             except OSError:
@@ -686,21 +905,56 @@ def write_bundle(
     manifest: Mapping,
     files: Mapping[str, str | os.PathLike | bytes],
     version: int | None = None,
+    signing_key: bytes | None = None,
 ) -> Path:
     """Write a complete bundle atomically from file contents (bytes) or existing files (copied).
 
-    ``manifest`` is everything but ``schema_version``, ``version`` and ``files``, which are filled in.
+    ``manifest`` is everything but ``schema_version``, ``version`` and ``files``, which are filled in;
+    with ``signing_key`` the bundle is signed (``BundleStaging.commit``).
     """
     with BundleStaging(model_dir) as staging:
         assert staging.path is not None
         for name, content in files.items():
-            if Path(name).name != name or name == MANIFEST_FILE:
+            if Path(name).name != name or name in (MANIFEST_FILE, SIGNATURE_FILE) or name.startswith("."):
                 raise BundleError(f"invalid bundle file name {name!r}")
             if isinstance(content, bytes):
                 (staging.path / name).write_bytes(content)
             else:
                 shutil.copyfile(content, staging.path / name)
-        return staging.commit(manifest, version)
+        return staging.commit(manifest, version, signing_key)
+
+
+def sign_bundle(bundle_dir: str | os.PathLike, signing_key: bytes) -> Path:
+    """Sign an existing version (``fair-export sign``): after it passes every check a reader makes
+    without a key (safe entries, manifest, caps, checksums), write ``manifest.sig`` next to its
+    manifest (atomically: a temporary file in the model directory, renamed in). Returns the signature's
+    path. For bundles written before a key was configured; signing vouches for what the bundle holds
+    now, so check it is the bundle you mean first (``fair-export inspect``)."""
+    bundle_dir = Path(bundle_dir)
+    check_safe(bundle_dir)
+    raw = (bundle_dir / MANIFEST_FILE).read_bytes()
+    manifest = read_manifest(bundle_dir)
+    problems = verify_checksums(bundle_dir, manifest)
+    if problems:
+        raise BundleChecksumError(f"{bundle_dir}: not signed: checksum check failed: " + "; ".join(problems))
+    if (bundle_dir / MANIFEST_FILE).read_bytes() != raw:
+        raise BundleError(f"{bundle_dir}: the manifest changed while it was checked; not signed")
+    real = bundle_dir.resolve()
+    if manifest["name"] != real.parent.name or str(manifest["version"]) != real.name:
+        raise BundleError(
+            f"{bundle_dir}: the manifest names {manifest['name']}/{manifest['version']}, the directory is "
+            f"{real.parent.name}/{real.name}; readers refuse a signed bundle away from where it was written"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", dir=bundle_dir.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(signing.signature(raw, signing_key))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, bundle_dir / SIGNATURE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return bundle_dir / SIGNATURE_FILE
 
 
 def _current_umask() -> int:

@@ -3,6 +3,11 @@
     fair-export --run RUN_DIR --out BUNDLE_ROOT [--name NAME] [--version V] [--quantize int8 | --fp16]
     fair-export --checkpoint FILE [--sid FILE] [--popular FILE] --out BUNDLE_ROOT ...
     fair-export inspect BUNDLE_DIR [--json]
+    fair-export sign BUNDLE_DIR [--version V | --all]
+
+Signing: with ``FAIR_BUNDLE_SIGNING_KEY`` in the environment (never an argument: ``ps`` shows those)
+the bundle is signed with its first key (``manifest.sig``), ``inspect`` checks the signature, and
+``sign`` signs bundles written before the key existed.
 
 Exit status: 0 on success, 1 for a failed export / a bundle with problems, 2 for bad arguments.
 """
@@ -14,7 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-from export.bundle import BundleError, read_manifest, resolve_bundle, verify_checksums
+from export import signing
+from export.bundle import (
+    BundleError,
+    list_versions,
+    read_manifest,
+    resolve_bundle,
+    sign_bundle,
+    unsafe_entries,
+    verify_checksums,
+)
 from export.search_choice import MEASURE_ABOVE_ITEMS, MIN_RECALL10
 from model.search.modes.flags import add_search_arguments, search_settings
 from model.search.modes.registry import AUTO, SEARCH_MODES, mode_from_manifest
@@ -23,6 +37,7 @@ EPILOG = """examples:
   fair-export --run runs/beauty --out bundles --name beauty            # next version, fp32, verified
   fair-export --run runs/beauty --data ../shared/data/amazon/Beauty --out bundles --quantize int8
   fair-export inspect bundles/beauty          # newest version; non-zero exit on a checksum mismatch
+  FAIR_BUNDLE_SIGNING_KEY=... fair-export sign bundles/beauty --all   # sign versions written unsigned
 """
 
 
@@ -117,31 +132,105 @@ def inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sign_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fair-export sign",
+        description=f"Sign bundles with the first key of ${signing.KEY_ENV} (manifest.sig), after the "
+        "checks a reader makes (regular files nobody else may write, manifest, caps, checksums). For "
+        "bundles written before a key was configured: a service with a key serves signed bundles only.",
+    )
+    p.add_argument("bundle", type=Path, help="BUNDLE_ROOT/NAME (newest version) or BUNDLE_ROOT/NAME/VERSION")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=_positive_int, help="sign this version of BUNDLE_ROOT/NAME")
+    which.add_argument("--all", action="store_true", help="sign every version of BUNDLE_ROOT/NAME")
+    return p
+
+
 def _fail(msg: str) -> int:
     print(f"fair-export: error: {msg}", file=sys.stderr)
     return 1
 
 
-def inspect_main(argv: list[str]) -> int:
-    args = inspect_parser().parse_args(argv)
+def _env_keys() -> list[bytes]:
+    """``FAIR_BUNDLE_SIGNING_KEY``'s keys; a malformed one exits 2 (its value is never printed)."""
     try:
-        path = resolve_bundle(args.bundle, args.version)
-        manifest = read_manifest(path)
-        problems = verify_checksums(path)
+        return signing.keys_from_env()
+    except ValueError as exc:
+        print(f"fair-export: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def sign_main(argv: list[str]) -> int:
+    args = sign_parser().parse_args(argv)
+    keys = _env_keys()
+    if not keys:
+        print(
+            f"fair-export sign: error: {signing.KEY_ENV} is not set (the key is read from the environment)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.all:
+            if not list_versions(args.bundle):
+                return _fail(f"{args.bundle}: no versions to sign (--all takes BUNDLE_ROOT/NAME)")
+            paths = [args.bundle / str(v) for v in list_versions(args.bundle)]
+        else:
+            paths = [resolve_bundle(args.bundle, args.version)]
     except BundleError as exc:
         return _fail(str(exc))
+    failed = 0
+    for path in paths:
+        try:
+            sign_bundle(path, keys[0])
+        except (BundleError, OSError) as exc:
+            failed += 1
+            print(f"fair-export sign: {path}: NOT signed: {exc}", file=sys.stderr)
+        else:
+            print(f"signed {path}")
+    return 1 if failed else 0
+
+
+def inspect_main(argv: list[str]) -> int:
+    args = inspect_parser().parse_args(argv)
+    keys = _env_keys()
+    try:
+        path = resolve_bundle(args.bundle, args.version)
+        problems = unsafe_entries(path)
+        manifest = read_manifest(path)
+        problems += verify_checksums(path, manifest)
+    except BundleError as exc:
+        return _fail(str(exc))
+    signed = (path / signing.SIGNATURE_FILE).is_file()
+    signature = "unchecked (no key in the environment)" if signed else "none"
+    if keys:
+        try:
+            read_manifest(path, keys)
+            signature = "valid"
+        except BundleError as exc:
+            signature = "INVALID"
+            problems.append(f"signature: {exc}")
     if args.json:
-        print(json.dumps({"path": str(path), "ok": not problems, "problems": problems, "manifest": manifest}))
+        print(
+            json.dumps(
+                {
+                    "path": str(path),
+                    "ok": not problems,
+                    "problems": problems,
+                    "signature": signature,
+                    "manifest": manifest,
+                }
+            )
+        )
     else:
         try:  # built in full first: a malformed field gives one error line, not half a summary
-            lines = _summary_lines(path, manifest, problems)
+            lines = _summary_lines(path, manifest, problems, signature)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             return _fail(f"{path / 'manifest.json'}: malformed field ({type(exc).__name__}: {exc})")
         print("\n".join(lines))
     return 1 if problems else 0
 
 
-def _summary_lines(path: Path, m: dict, problems: list[str]) -> list[str]:
+def _summary_lines(path: Path, m: dict, problems: list[str], signature: str = "none") -> list[str]:
     lines: list[str] = []
     add = lines.append
     cfg = m.get("model_config", {})
@@ -174,6 +263,7 @@ def _summary_lines(path: Path, m: dict, problems: list[str]) -> list[str]:
             add(f"metrics    {source}: {json.dumps(values, sort_keys=True)}")
     for name, digest in sorted(m["files"].items()):
         add(f"file       {name}  {digest[:16]}...")
+    add(f"signature  {signature}")
     if problems:
         for line in problems:
             add(f"PROBLEM    {line}")
@@ -189,6 +279,7 @@ def export_main(argv: list[str]) -> int:
     from export.onnx_export import DEFAULT_OPSET
 
     precision = "int8" if args.quantize == "int8" else "fp16" if args.fp16 else "fp32"
+    keys = _env_keys()
     try:
         src = load_sources(args.run, args.checkpoint, args.sid, args.popular, args.data)
         result = export_bundle(
@@ -205,10 +296,18 @@ def export_main(argv: list[str]) -> int:
             max_abs_diff=args.max_abs_diff,
             min_topk_agreement=args.min_topk_agreement,
             evaluate=True if args.evaluate else None,
+            signing_key=keys[0] if keys else None,
         )
     except ExportFailed as exc:
         return _fail(str(exc))
-    print(f"wrote {result.path} ({precision}, {result.seconds:.1f}s)")
+    signed = ", signed" if keys else ""
+    print(f"wrote {result.path} ({precision}{signed}, {result.seconds:.1f}s)")
+    if not keys:
+        print(
+            f"fair-export: note: {signing.KEY_ENV} is not set: the bundle is unsigned (a service with a "
+            "signing key refuses it; docs/operations.md, Security)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -216,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         return inspect_main(argv[1:])
+    if argv and argv[0] == "sign":
+        return sign_main(argv[1:])
     return export_main(argv)
 
 

@@ -265,8 +265,12 @@ def export_bundle(
     min_topk_agreement: float | None = None,
     evaluate: bool | None = None,
     schema: int = SCHEMA_VERSION,
+    signing_key: bytes | None = None,
 ) -> ExportResult:
     """Write ``out/name/VERSION`` from ``src``; see the module docstring for the guarantees.
+
+    ``signing_key`` (fair-export: the first key of ``FAIR_BUNDLE_SIGNING_KEY``) signs the manifest
+    (``manifest.sig``, ``export.signing``), written with it before the bundle is renamed into place.
 
     ``max_abs_diff`` / ``min_topk_agreement`` override the limits and then apply to every precision
     (by default they apply to fp32 only). ``evaluate`` (default: for fp16/int8 when ``src`` has a
@@ -374,7 +378,7 @@ def export_bundle(
             manifest = _manifest(
                 src, name, opset, precision, metrics, verification, export_seconds, how, entry, schema
             )
-            path = staging.commit(manifest, version)
+            path = staging.commit(manifest, version, signing_key)
     except (VerificationError, ExportError, BundleError) as exc:
         raise ExportFailed(str(exc)) from exc
     except OSError as exc:
