@@ -131,19 +131,31 @@ def test_the_printed_curl_example_works(demo):
     assert len(answer["items"]) == body["k"]
 
 
+def _files(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``directory``: relative path -> (size, modification time in ns)."""
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
 def test_a_second_build_reuses_everything(demo):
+    """Reuse is checked by what the build touched, not by how long it took (a clock flakes on a loaded
+    machine): no step ran, and not one file of the demo directory was added, removed or rewritten."""
     _, _, root = demo
-    started = time.monotonic()
+    before = _files(root / "demo")
     res = subprocess.run(
         [sys.executable, "-m", "service.demo", "build", *demo_args(root)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr
     assert "reusing" in res.stdout and "$ fair-" not in res.stdout  # no step ran again
     assert res.stdout.strip().splitlines()[-1] == str(root / "demo" / "bundles" / "demo" / "1")
-    assert time.monotonic() - started < 30
+    assert any(name.startswith("bundles/demo/1/") for name in before)
+    assert _files(root / "demo") == before
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +320,7 @@ def test_alert_rules_parse_load_and_stay_quiet_on_a_healthy_service(prometheus, 
             result = query(prometheus, rule["expr"])
             if rule["alert"] in ("FairNoReadyModel", "FairApiDown", "FairRedisErrors", "FairErrorRatioHigh"):
                 assert result == [], f"{rule['alert']} would fire on a healthy service: {result}"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound for a stalled machine, not a timing: it waits on the health
     while True:  # rule health is known after the first evaluation (twice a second here)
         loaded = prometheus.get("/api/v1/rules").json()["data"]["groups"]
         health = {r["name"]: r["health"] for g in loaded for r in g["rules"]}
