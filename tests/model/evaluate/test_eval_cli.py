@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from model.data.benchmark import write_benchmark
+from model.data.loading import load_dataset
 from model.data.synthetic import generate_synthetic
 from model.evaluate.cli import main
 from model.fair import FAIR, FAIRConfig
 from model.semantic_ids.table import SemanticIdTable
-from model.train.checkpoint import save_checkpoint
+from model.train.checkpoint import load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[3]
 KEYS = {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate", "users", "split", "seconds"}
@@ -52,6 +53,39 @@ def _last_json(capsys) -> dict:
     return json.loads(out[-1])
 
 
+def _leave_one_out(ranked: list[list[int]], targets) -> dict[str, float]:
+    """Recall/NDCG@5/10 written out from the definition (one relevant item per user), not through
+    model.evaluate.metrics: the numbers fair-eval prints must equal these."""
+    out = {}
+    for k in (5, 10):
+        ranks = [row[:k].index(t) if t in row[:k] else None for row, t in zip(ranked, targets, strict=True)]
+        out[f"recall@{k}"] = float(np.mean([r is not None for r in ranks]))
+        out[f"ndcg@{k}"] = float(np.mean([0.0 if r is None else 1 / np.log2(r + 2) for r in ranks]))
+    return out
+
+
+def _expected_model_ranking(run: Path, data: Path, split: str) -> tuple[list[list[int]], np.ndarray]:
+    """The run's top-10 per user of ``split``, one user at a time through the network's reference item
+    score (``FAIR.item_logits``, every catalog item), seen items removed: independent of the batched
+    search fair-eval runs."""
+    model, _ = load_model(run / "best.pt")
+    model.eval()
+    table = SemanticIdTable.load(run / "semantic_ids.npz")
+    ev = load_dataset(data, max_history=10).eval_split(split)
+    codes_table = torch.from_numpy(np.asarray(table.codes, dtype=np.int64))
+    ranked = []
+    with torch.no_grad():
+        for history in ev.histories:
+            items = torch.from_numpy(np.asarray(history, dtype=np.int64))[None]
+            out = model(
+                codes_table[items], torch.ones_like(items, dtype=torch.bool), items=items, last_only=True
+            )
+            scores = model.item_logits(out.history[:, -1], codes_table)[0].numpy()
+            scores[np.asarray(history)] = -np.inf
+            ranked.append([int(i) for i in np.argsort(-scores, kind="stable")[:10]])
+    return ranked, np.asarray(ev.targets)
+
+
 def test_run_json_last_line(data_and_run, capsys):
     ds, data, run = data_and_run
     assert main(["--run", str(run), "--data", str(data), "--json", "--beam", "12", "--batch-size", "32"]) == 0
@@ -59,8 +93,11 @@ def test_run_json_last_line(data_and_run, capsys):
     assert set(report) >= KEYS
     assert report["split"] == "test" and report["users"] == len(ds.eval_split("test").targets)
     assert report["invalid_rate"] == 0.0
-    assert 0.0 <= report["ndcg@5"] <= report["ndcg@10"] <= report["recall@10"] <= 1.0
     assert report["max_history"] == 10  # taken from the run's train_config
+    expected = _leave_one_out(*_expected_model_ranking(run, data, "test"))
+    assert expected["recall@10"] > 0  # some targets are found: the comparison is of real rankings
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, abs=1e-12), (key, report, expected)
 
 
 def test_popularity_baseline_json(data_and_run, capsys):
@@ -70,6 +107,19 @@ def test_popularity_baseline_json(data_and_run, capsys):
     assert set(report) >= KEYS
     assert report["split"] == "valid" and report["users"] == len(ds.eval_split("valid").targets)
     assert report["invalid_rate"] == 0.0
+    # the baseline by hand: items by interactions in the training part (every sequence but its last
+    # two items, for the valid split), ties to the lower index, the user's history skipped
+    counts = np.zeros(ds.num_items, dtype=np.int64)
+    for seq in ds.sequences:
+        for item in seq[:-2]:
+            counts[item] += 1
+    order = sorted(range(ds.num_items), key=lambda i: (-counts[i], i))
+    ev = ds.eval_split("valid")
+    ranked = [[i for i in order if i not in set(np.asarray(h).tolist())][:10] for h in ev.histories]
+    expected = _leave_one_out(ranked, np.asarray(ev.targets))
+    assert expected["recall@10"] > 0
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, abs=1e-12), (key, report, expected)
 
 
 def test_user_sample_is_seeded_and_shared_by_run_and_baseline(data_and_run, capsys):
