@@ -162,9 +162,14 @@ def load_engine(
     inter_op_threads: int = 1,
     allow_spinning: bool = False,
     verify: bool = True,
+    signing_keys: Sequence[bytes] = (),
 ) -> Engine:
-    """Load, verify and open a bundle (``BUNDLE_ROOT/NAME[/VERSION]``); raises ``BundleError``/ORT errors."""
-    bundle = load_bundle(path, verify=verify, version=version)
+    """Load, verify and open a bundle (``BUNDLE_ROOT/NAME[/VERSION]``); raises ``BundleError``/ORT errors.
+
+    With ``signing_keys`` only a bundle signed with one of them loads (``export.bundle.load_bundle``).
+    onnxruntime (>= 1.27, the pyproject floor) refuses a graph whose external-data paths leave the
+    bundle directory, so ``model.onnx`` cannot read files beside or above it."""
+    bundle = load_bundle(path, verify=verify, version=version, signing_keys=signing_keys)
     available = set(ort.get_available_providers())
     wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     session = ort.InferenceSession(

@@ -18,7 +18,7 @@ from service.embedded_redis import EmbeddedRedis
 from service.engine import single_threaded_blas
 from service.redis_store import HistoryStore, async_client
 from service.redis_supervisor import RedisSupervisor
-from service.state import AppState, load_and_warm, poll_bundles, swap
+from service.state import AppState, load_at_startup, poll_bundles, swap
 
 log = logging.getLogger("fair.lifespan")
 
@@ -43,7 +43,13 @@ def lifespan_of(state: AppState) -> Callable[[FastAPI], AbstractAsyncContextMana
         state.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.queue_size)
         try:
             if s.bundle is not None:
-                swap(state, await asyncio.to_thread(load_and_warm, state, s.bundle, None))
+                if not s.bundle_signing_key:
+                    log.warning(
+                        "bundles are not authenticated: FAIR_BUNDLE_SIGNING_KEY is unset, so whoever can "
+                        "write under %s decides what is served (docs/operations.md, Security)",
+                        state.model_dir,
+                    )
+                swap(state, await asyncio.to_thread(load_at_startup, state))
             else:
                 log.warning("no bundle configured (FAIR_BUNDLE): /recommend answers 503 until a reload")
             if s.bundle_poll_s > 0 and not state.pinned and s.bundle is not None:

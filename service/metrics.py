@@ -106,6 +106,15 @@ REPLACED_ENGINES = Counter(
     "the replaced bundle's memory stays in use)",
     ["outcome"],
 )
+# why a bundle version was not loaded (export.bundle's BundleError reasons, + runtime: onnxruntime or the
+# warm-up failed); at startup (a fallback to an older version), by the poller, or by POST /admin/reload
+BUNDLE_REFUSE_REASONS = ("signature", "checksum", "limit", "unsafe_files", "invalid", "runtime")
+BUNDLES_REFUSED = Counter(
+    "fair_bundles_refused_total",
+    "Bundle versions that failed to load, by reason (signature, checksum, limit, unsafe_files, invalid, "
+    "runtime); the service log has the message",
+    ["reason"],
+)
 MANUAL_PIN = Gauge(
     "fair_bundle_manual_pin",
     "The bundle version pinned by POST /admin/reload {version} (polling paused); 0 when none is pinned",
@@ -135,6 +144,8 @@ def init_series() -> None:
         REQUESTS_REJECTED.labels(reason=reason)
     for reason in ("unknown_user", "no_known_items"):
         FALLBACK.labels(reason=reason)
+    for reason in BUNDLE_REFUSE_REASONS:
+        BUNDLES_REFUSED.labels(reason=reason)
 
 
 def set_model_info(name: str, version: int, provider: str, previous: tuple[str, str, str] | None) -> None:

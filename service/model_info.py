@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from service.engine import Engine
-from service.schemas import ModelResponse, PublicModelResponse
+from service.schemas import ModelResponse, PublicModelResponse, RefusedVersion
 
 
-def model_summary(engine: Engine, manual_pin: int | None) -> ModelResponse:
+def model_summary(
+    engine: Engine, manual_pin: int | None, fallback_from: list[RefusedVersion] | None = None
+) -> ModelResponse:
     manifest = {k: v for k, v in engine.bundle.manifest.items() if k != "files"}
     return ModelResponse(
         name=engine.name,
@@ -18,13 +20,14 @@ def model_summary(engine: Engine, manual_pin: int | None) -> ModelResponse:
         loaded_at=engine.loaded_at,
         manifest=manifest,
         pinned_version=manual_pin,
+        fallback_from=fallback_from or [],
     )
 
 
 def public_model_summary(engine: Engine) -> PublicModelResponse:
     full = model_summary(engine, None)
     return PublicModelResponse(
-        **full.model_dump(exclude={"path", "manifest", "pinned_version"}),
+        **full.model_dump(exclude={"path", "manifest", "pinned_version", "fallback_from"}),
         manifest=without_paths(full.manifest),
     )
 

@@ -71,6 +71,11 @@ class HistoryResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
+    fallback_from: list[int] | None = Field(
+        None,
+        description="present only when an older bundle version is served because these newer ones failed "
+        "to load (startup fallback, or the poller), newest first; GET /admin/model says why",
+    )
 
 
 class ReadyResponse(BaseModel):
@@ -86,6 +91,14 @@ class PublicModelResponse(BaseModel):
     manifest: dict = Field(description="the bundle manifest without its file checksums and file-system paths")
 
 
+class RefusedVersion(BaseModel):
+    version: int
+    reason: str = Field(
+        description="signature, checksum, limit, unsafe_files, invalid or runtime (fair_bundles_refused_total)"
+    )
+    message: str = Field(description="the error, with file paths")
+
+
 class ModelResponse(BaseModel):
     name: str
     version: int
@@ -96,6 +109,11 @@ class ModelResponse(BaseModel):
     pinned_version: int | None = Field(
         None,
         description="the version pinned by POST /admin/reload {version} (bundle polling paused); null: none",
+    )
+    fallback_from: list[RefusedVersion] = Field(
+        default_factory=list,
+        description="newer versions that failed to load (at startup, or when the poller tried them), newest "
+        "first: why an older version is served; empty when the newest loadable version is the newest",
     )
 
 

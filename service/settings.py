@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from export.signing import check_key
+
 # The latency objective (p99 of POST /recommend) the request histogram must resolve.
 LATENCY_OBJECTIVE_S = 0.020
 # Hard ceilings of the public API, also used by the request schema (OpenAPI shows them).
@@ -39,6 +41,12 @@ class Settings(BaseSettings):
         0.0, ge=0, description="seconds between checks for a newer version under BUNDLE_ROOT/NAME; 0 = off"
     )
     verify_bundle: bool = Field(True, description="check every sha256 of the bundle before loading")
+    bundle_signing_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="HMAC-SHA256 key(s) bundles must be signed with (manifest.sig, written by fair-export "
+        "from the same variable); comma-separated during a rotation (any one verifies); each at least 32 "
+        "characters. Unset: bundles are loaded unauthenticated (the log says so at startup)",
+    )
 
     # ---- HTTP ----
     host: str = "127.0.0.1"
@@ -109,7 +117,7 @@ class Settings(BaseSettings):
         description="onnxruntime providers in preference order (unavailable ones are skipped)",
     )
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "bundle_signing_key", mode="before")
     @classmethod
     def _comma_separated(cls, v):
         """``FAIR_API_TOKENS=a,b`` as well as a JSON list; blank entries are dropped."""
@@ -125,6 +133,13 @@ class Settings(BaseSettings):
     def _tokens_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
         for t in v:
             _check_secret(t, "every API token")
+        return v
+
+    @field_validator("bundle_signing_key")
+    @classmethod
+    def _signing_keys_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for n, key in enumerate(v, start=1):
+            check_key(key.get_secret_value(), f"FAIR_BUNDLE_SIGNING_KEY (key {n})")
         return v
 
     @field_validator("admin_token")
@@ -149,6 +164,21 @@ class Settings(BaseSettings):
         if not v or "{" in v or "}" in v:
             raise ValueError("must not be empty or contain '{' or '}' (the dedupe key's hash tag follows it)")
         return v
+
+    @model_validator(mode="after")
+    def _signature_needs_checksums(self) -> Settings:
+        # the signature covers the manifest, and the files only through the checksums it lists
+        if self.bundle_signing_key and not self.verify_bundle:
+            raise ValueError(
+                "FAIR_BUNDLE_SIGNING_KEY needs FAIR_VERIFY_BUNDLE=true: the signature covers the bundle's "
+                "files only through the checksums"
+            )
+        return self
+
+    @property
+    def signing_keys(self) -> list[bytes]:
+        """The bundle signing keys as bytes (``export.signing``); [] when none is configured."""
+        return [k.get_secret_value().encode() for k in self.bundle_signing_key]
 
     @model_validator(mode="after")
     def _prefixes_disjoint(self) -> Settings:

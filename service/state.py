@@ -1,5 +1,6 @@
-"""What one worker process holds while it serves, and how the model in it changes: load, hot reload,
-the poller that follows new bundle versions, and the manual pin that pauses it.
+"""What one worker process holds while it serves, and how the model in it changes: load (at startup,
+the newest version that loads), hot reload, the poller that follows new bundle versions, and the
+manual pin that pauses it.
 
 Routes read this through the dependencies of service/api/deps.py (``request.app.state.fair``); the
 lifespan (service/lifespan.py) fills it in at startup and empties it at shutdown.
@@ -13,7 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.bundle import MANIFEST_FILE, list_versions
+from export.bundle import MANIFEST_FILE, BundleError, list_versions
 from service import metrics
 from service.auth import TokenChecker
 from service.batcher import Batcher
@@ -26,6 +27,21 @@ from service.redis_supervisor import RedisSupervisor
 from service.settings import Settings
 
 log = logging.getLogger("fair.state")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a bundle version was not loaded: ``reason`` one word (``BundleError.reason``, or ``runtime``
+    for onnxruntime / warm-up failures; the label of ``fair_bundles_refused_total``), ``message`` the
+    error itself."""
+
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Refusal:
+        reason = exc.reason if isinstance(exc, BundleError) else "runtime"
+        return cls(reason, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -41,7 +57,10 @@ class AppState:
     batcher: Batcher | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_task: asyncio.Task | None = None
-    failed_versions: set[int] = field(default_factory=set)
+    # versions of BUNDLE_ROOT/NAME that failed to load at startup or when the poller tried them, with
+    # why (one line, paths included: shown only on /admin/model). The poller does not try them again;
+    # in memory only, so a restarted worker tries each once more (and falls back again, never crash-loops)
+    refused_versions: dict[int, Refusal] = field(default_factory=dict)
     # a version an operator asked for by number (POST /admin/reload {"version": N}): the poller leaves
     # it alone until a reload without a version releases it, or a manual rollback would be undone by the
     # next poll
@@ -68,6 +87,14 @@ class AppState:
         """Pinned by configuration: FAIR_BUNDLE names one version directory."""
         b = self.settings.bundle
         return b is not None and (b / MANIFEST_FILE).is_file()
+
+    def fallback_from(self) -> dict[int, Refusal]:
+        """Refused versions newer than the one served, newest first: what a fallback skipped (at startup,
+        or a newer version the poller could not load). Empty when the newest loadable one is served."""
+        if self.engine is None:
+            return dict(sorted(self.refused_versions.items(), reverse=True))
+        serving = self.engine.version
+        return {v: r for v, r in sorted(self.refused_versions.items(), reverse=True) if v > serving}
 
     def shed_reason(self) -> str | None:
         """Why a request that waits for the batcher would not be answered within its whole deadline
@@ -98,10 +125,56 @@ def load_and_warm(state: AppState, path: Path, version: int | None) -> Engine:
         inter_op_threads=s.inter_op_threads,
         allow_spinning=s.allow_spinning,
         verify=s.verify_bundle,
+        signing_keys=s.signing_keys,
     )
     took = engine.warm_up(s.max_batch_size, s.default_beam_size, s.default_k)
     log.info("warmed up %s v%d in %.2fs", engine.name, engine.version, took)
     return engine
+
+
+def count_refusal(exc: BaseException) -> Refusal:
+    refusal = Refusal.of(exc)
+    metrics.BUNDLES_REFUSED.labels(reason=refusal.reason).inc()
+    return refusal
+
+
+def load_at_startup(state: AppState) -> Engine:
+    """The engine a worker starts with (blocking: run it in a thread).
+
+    FAIR_BUNDLE naming a version directory: that version or an error (a pin means that version).
+    Naming ``BUNDLE_ROOT/NAME``: the newest version that loads, trying older ones in turn when it does
+    not, each refusal logged, counted and kept in ``refused_versions`` (shown by /healthz and
+    /admin/model). One bad version therefore costs a fallback, not a crash loop of every pod that
+    restarts or scales up. Only when no version loads does startup fail, naming each one's reason.
+    """
+    bundle, model_dir = state.settings.bundle, state.model_dir
+    assert bundle is not None and model_dir is not None
+    versions = [] if state.pinned else list_versions(model_dir)
+    if not versions:  # a pinned version, or nothing to choose from: one try, its error as it is
+        try:
+            return load_and_warm(state, bundle, None)
+        except Exception as exc:
+            count_refusal(exc)
+            raise
+    for version in reversed(versions):
+        try:
+            engine = load_and_warm(state, model_dir, version)
+        except Exception as exc:
+            refusal = state.refused_versions[version] = count_refusal(exc)
+            log.error("startup: bundle version %d refused (%s): %s", version, refusal.reason, refusal.message)
+            continue
+        skipped = sorted(state.refused_versions, reverse=True)
+        if skipped:
+            log.warning(
+                "startup: serving %s v%d, an older version: newer version(s) %s failed to load (fallback; "
+                "see the errors above, GET /admin/model)",
+                engine.name, engine.version, ", ".join(map(str, skipped)),
+            )  # fmt: skip
+        return engine
+    raise BundleError(
+        f"{model_dir}: no version loads: "
+        + "; ".join(f"v{v}: {r.message}" for v, r in sorted(state.refused_versions.items(), reverse=True))
+    )
 
 
 def swap(state: AppState, engine: Engine) -> Engine | None:
@@ -129,8 +202,13 @@ async def reload_model(state: AppState, version: int | None) -> tuple[Engine, En
         try:
             engine = await asyncio.to_thread(load_and_warm, state, model_dir, version)
         except Exception as exc:
-            log.error("reload of %s (version %s) failed: %s", model_dir, version or "newest", exc)
-            raise ServiceError(409, "reload_failed", f"{type(exc).__name__}: {exc}") from exc
+            refusal = count_refusal(exc)
+            log.error(
+                "reload of %s (version %s) failed (%s): %s",
+                model_dir, version or "newest", refusal.reason, exc,
+            )  # fmt: skip
+            raise ServiceError(409, "reload_failed", refusal.message) from exc
+        state.refused_versions.pop(engine.version, None)  # it loads now (e.g. re-signed)
         old = swap(state, engine)
         log.info("now serving %s v%d (was v%s)", engine.name, engine.version, old.version if old else None)
         if old is not None:
@@ -180,9 +258,10 @@ async def poll_once(state: AppState) -> None:
     if not versions:
         return
     newest = versions[-1]
-    if newest > state.engine.version and newest not in state.failed_versions:
+    if newest > state.engine.version and newest not in state.refused_versions:
         try:
             await reload_model(state, newest)
         except ServiceError as exc:
-            state.failed_versions.add(newest)  # don't retry a broken version every poll
+            # don't retry a broken version every poll
+            state.refused_versions[newest] = Refusal.of(exc.__cause__ or exc)
             log.error("poll: version %d not loaded: %s", newest, exc.message)

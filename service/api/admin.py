@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from service.api.deps import ServingEngine, State
 from service.auth import AdminRoute
 from service.model_info import model_summary
-from service.schemas import ModelResponse, ReloadRequest, ReloadResponse, error_responses
+from service.schemas import ModelResponse, RefusedVersion, ReloadRequest, ReloadResponse, error_responses
 from service.state import manual_reload
 
 router = APIRouter(prefix="/admin", route_class=AdminRoute)
@@ -21,7 +21,11 @@ router = APIRouter(prefix="/admin", route_class=AdminRoute)
     summary="The bundle being served, with its directory and the manifest's source paths",
 )
 async def admin_model(engine: ServingEngine, state: State) -> ModelResponse:
-    return model_summary(engine, state.manual_pin)
+    refused = [
+        RefusedVersion(version=v, reason=r.reason, message=r.message)
+        for v, r in state.fallback_from().items()
+    ]
+    return model_summary(engine, state.manual_pin, refused)
 
 
 @router.post(

@@ -21,8 +21,10 @@ router = APIRouter(route_class=PublicRoute)
 @router.get(
     "/healthz",
     response_model=HealthResponse,
+    response_model_exclude_none=True,
     responses=error_responses(500, 503),
-    summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me)",
+    summary="Process alive; 503 when the embedded Redis died and could not be restarted (restart me); "
+    "fallback_from lists newer bundle versions that failed to load (a restart would not help: still 200)",
 )
 async def healthz(state: State) -> HealthResponse:
     if state.embedded is not None and state.embedded.given_up():
@@ -30,7 +32,8 @@ async def healthz(state: State) -> HealthResponse:
         raise ServiceError(
             503, "redis_failed", "the embedded Redis died and could not be restarted; see the service log"
         )
-    return HealthResponse()
+    # versions only: the reasons name file paths, which public answers never carry (/admin/model has them)
+    return HealthResponse(fallback_from=list(state.fallback_from()) or None)
 
 
 @router.get(
