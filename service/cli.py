@@ -2,8 +2,9 @@
 
 Every ``Settings`` field is a flag (``--max-batch-size 64``) and an environment variable
 (``FAIR_MAX_BATCH_SIZE=64``); flags win. The flags are exported into the environment before uvicorn
-starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN`` and
-``FAIR_API_TOKENS`` are environment-only, so secrets never show up in ``ps``; for the same reason
+starts, because worker processes build their app from the environment alone. ``FAIR_ADMIN_TOKEN``,
+``FAIR_API_TOKENS`` and ``FAIR_BUNDLE_SIGNING_KEY`` are environment-only, so secrets never show up in
+``ps``; for the same reason
 ``--redis-url`` refuses a URL with a password (``FAIR_REDIS_URL`` takes it), and the URL is only ever
 printed with its password hidden (``service.redact``).
 
@@ -28,7 +29,8 @@ from pydantic import ValidationError
 from service.redact import flag_refusal, has_secret, redact_url
 from service.settings import Settings
 
-ENV_ONLY = {"admin_token", "api_tokens"}  # secrets: never on a command line (ps shows it)
+# secrets: never on a command line (ps shows it)
+ENV_ONLY = {"admin_token", "api_tokens", "bundle_signing_key"}
 
 
 def _flag(name: str) -> str:
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fair-serve",
         description="Serve FAIR recommendations over HTTP (FastAPI + Redis + ONNX Runtime). "
         "Every flag is also the environment variable FAIR_<FLAG> (e.g. --max-wait-ms = FAIR_MAX_WAIT_MS); "
-        "the secrets are environment-only: FAIR_ADMIN_TOKEN, FAIR_API_TOKENS (comma-separated).",
+        "the secrets are environment-only: FAIR_ADMIN_TOKEN, FAIR_API_TOKENS (comma-separated), "
+        "FAIR_BUNDLE_SIGNING_KEY (comma-separated during a rotation).",
     )
     for name, info in Settings.model_fields.items():
         if name in ENV_ONLY:

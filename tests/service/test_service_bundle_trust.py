@@ -214,3 +214,13 @@ def test_a_model_reading_a_file_outside_its_bundle_is_refused(tiny_bundle, tmp_p
     with pytest.raises(Exception, match="External data path") as err:
         load_engine(model_dir, providers=["CPUExecutionProvider"])
     assert "escapes" in str(err.value)
+
+
+def test_fair_serve_has_no_flag_for_the_signing_key():
+    """Every setting is also a fair-serve flag, but a key on a command line is visible to every user of
+    the machine (ps): the signing key is environment-only, like the tokens."""
+    from service.cli import build_parser
+
+    flags = {opt for action in build_parser()._actions for opt in action.option_strings}
+    assert "--bundle-signing-key" not in flags and "--bundle" in flags
+    assert "FAIR_BUNDLE_SIGNING_KEY" in build_parser().description
