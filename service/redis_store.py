@@ -288,7 +288,8 @@ class HistoryStore:
             async with self._ping_slots:
                 if self.cluster:
                     answers = await self.client.info("memory", target_nodes=AsyncRedisCluster.PRIMARIES)
-                    infos = list(answers.values())
+                    # one primary: redis-py answers that node's INFO itself, not {node: INFO}
+                    infos = [answers] if "used_memory" in answers else list(answers.values())
                 else:
                     infos = [await self.client.info("memory")]
         except REDIS_FAILURES as exc:
