@@ -862,6 +862,11 @@ class BundleStaging:
         missing = [n for n in required_files({**manifest, "schema_version": schema}) if n not in staged]
         if missing:
             raise BundleError(f"bundle lacks file(s) {', '.join(missing)}")
+        if signing_key is not None and manifest.get("name") != self.model_dir.resolve().name:
+            raise BundleError(
+                f"{self.model_dir}: a bundle named {manifest.get('name')!r} cannot be signed into another "
+                "model directory (readers refuse a signed bundle away from its NAME/VERSION)"
+            )
         files = {name: sha256_file(self.path / name) for name in staged}
         # mkdtemp made the directory private (0700); a bundle is read by the service, often as
         # another user (a container's uid), so it gets the mode an ordinary mkdir would give, and its

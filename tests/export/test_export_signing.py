@@ -358,3 +358,10 @@ def test_write_bundle_refuses_the_signature_as_a_content_file(tmp_path, parts):
     files, manifest = parts
     with pytest.raises(BundleError, match="invalid bundle file name"):
         write_bundle(tmp_path / "m", manifest, {**files, SIGNATURE_FILE: b"hmac-sha256:00"})
+
+
+def test_a_bundle_is_not_signed_into_a_directory_of_another_name(tmp_path, parts):
+    files, manifest = parts
+    with pytest.raises(BundleError, match="cannot be signed into another model directory"):
+        write_bundle(tmp_path / "other", manifest, files, signing_key=KEY)
+    assert not (tmp_path / "other").exists()
