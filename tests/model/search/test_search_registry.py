@@ -72,6 +72,13 @@ def _manifest(search: object) -> dict:
         "name": "m",
         "version": 1,
         "precision": "fp32",
+        # the sizes the reader caps (export.bundle.check_limits) must be plausible integers
+        "num_items": 100,
+        "code_length": 4,
+        "codebook_size": 256,
+        "max_history": 20,
+        "inputs": [],
+        "outputs": [],
         "search": search,
     }
 
