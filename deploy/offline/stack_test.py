@@ -467,10 +467,16 @@ def check_admin(api: str, token: str, report: Report) -> None:
 
 
 def stack_secrets(environ: dict[str, str]) -> dict[str, str]:
-    """The secrets docker-compose.yml requires (it has no defaults): the caller's, else random ones."""
+    """The secrets docker-compose.yml requires (it has no defaults), the caller's, else random ones;
+    and a bundle signing key, so the stack exports signed bundles and the API refuses unsigned ones
+    (optional in compose, switched on here: the path a production deployment runs)."""
     return {
         name: environ.get(name) or secrets.token_hex(nbytes)
-        for name, nbytes in (("FAIR_ADMIN_TOKEN", 32), ("GRAFANA_ADMIN_PASSWORD", 16))
+        for name, nbytes in (
+            ("FAIR_ADMIN_TOKEN", 32),
+            ("GRAFANA_ADMIN_PASSWORD", 16),
+            ("FAIR_BUNDLE_SIGNING_KEY", 32),
+        )
     }
 
 
