@@ -57,6 +57,32 @@ class Settings(BaseSettings):
     body_timeout_ms: float = Field(
         5000.0, gt=0, description="a request body not fully received within this gets 408 (slow clients)"
     )
+    # the HTTP edge (service/edge.py, docs/operations.md "HTTP edge"): what a connection may cost
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request head (request line + headers) not complete this long after the connection "
+        "opened, or after its first byte: 408 (or a plain close when nothing arrived) and the connection closed",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="a larger request head (request line + headers): 431 and the connection closed",
+    )
+    max_headers: int = Field(
+        100, ge=1, description="more header fields than this: 431 and the connection closed"
+    )
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="an idle keep-alive connection is closed after this; behind a proxy that reuses "
+        "connections, set it above the proxy's upstream idle timeout",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="open connections per worker process; the next one is answered 503 at accept and closed",
+    )
     admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; unset = admin off")
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
