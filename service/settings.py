@@ -135,6 +135,19 @@ class Settings(BaseSettings):
         0.0, ge=0, description="how long the batcher waits to fill a batch (0: take what is queued)"
     )
     queue_size: int = Field(512, ge=1, description="requests waiting for inference; beyond it: 429")
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="/recommend requests admitted and not yet answered (per worker); beyond it: 429 at "
+        "once. 0 = measured: answers per busy second x request deadline x FAIR_ADMISSION_SHARE",
+    )
+    admission_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the request deadline the admitted requests may take to drain at the measured "
+        "pace (the rest is headroom for the event loop's own work under a burst)",
+    )
     intra_op_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0 = ORT default)")
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads (0 = ORT default)")
     allow_spinning: bool = Field(False, description="ORT thread spinning; off: it costs 2x on shared cores")
