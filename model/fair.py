@@ -540,12 +540,30 @@ class FAIR(nn.Module):
         return h
 
     def item_logits(
-        self, history: torch.Tensor, item_codes: torch.Tensor, items: torch.Tensor | None = None
+        self,
+        history: torch.Tensor,
+        item_codes: torch.Tensor,
+        items: torch.Tensor | None = None,
+        folded: bool | None = None,
     ) -> torch.Tensor:
         """history [P, D] -> item scores [P, C] for the items ``items`` (default all) with codes
-        ``item_codes`` [C, L]: the score training optimises and serving ranks by (module docstring)."""
-        vec, bias = self.item_vectors(item_codes, items)
-        return self.query_vectors(history) @ vec.T + bias
+        ``item_codes`` [C, L]: the score training optimises and serving ranks by (module docstring).
+
+        Two forms of one product. Reference (``folded=False``): the stacked queries [P, Dq] against
+        the stacked item vectors [C, Dq], Dq = L*D (+ D). Folded (``True``): ``query_vectors`` is
+        linear in h with no bias, so it is ``h @ M`` with ``M = query_vectors(I_D)`` [D, Dq], and the
+        score is ``h @ (vec @ M.T).T + bias``: C*Dq*D + P*D*C multiply-adds instead of P*Dq*C, about
+        3x fewer for a training batch (P ~ 1,000 boundaries, Dq = 5D). The fold pays when P > ~D, so
+        ``None`` picks it by shape; both forms are differentiable and equal up to float rounding.
+        """
+        vec, bias = self.item_vectors(item_codes, items)  # [C, Dq], [C]
+        if folded is None:
+            folded = history.size(0) * vec.size(1) > (history.size(0) + vec.size(1)) * history.size(1)
+        if not folded:
+            return self.query_vectors(history) @ vec.T + bias
+        eye = torch.eye(history.size(-1), dtype=history.dtype, device=history.device)
+        m = self.query_vectors(eye)  # [D, Dq]: row d = the query of the basis state e_d
+        return history @ (vec @ m.T).T + bias  # [P, D] x [D, C]
 
     def next_item_scores(
         self,

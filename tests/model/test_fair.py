@@ -200,6 +200,43 @@ def test_item_logits_are_code_scores_plus_the_id_part_item_by_item():
         torch.testing.assert_close(model.item_logits(history, table[subset], subset), fast[:, subset])
 
 
+@pytest.mark.parametrize("num_items", [40, 0])
+def test_folded_item_logits_equal_the_reference_form_in_value_and_gradient(num_items):
+    """The folded product (h against the items' vectors folded through query_vectors' matrix, what
+    training uses for ~1,000 boundaries x thousands of candidates) equals the reference stacked
+    product: the same scores and the same gradients for every parameter and for the history."""
+    torch.manual_seed(3)
+    cfg = FAIRConfig(codebook_size=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0, num_items=num_items)
+    model = FAIR(cfg)
+    with torch.no_grad():
+        model.head_bias.normal_()
+        if num_items:
+            model.item_bias.normal_()
+    g = torch.Generator().manual_seed(4)
+    table = torch.randint(0, 16, (40, 4), generator=g)
+    items = torch.arange(40) if num_items else None
+    history = torch.randn(300, 32, generator=g)
+    weights = torch.randn(300, 40, generator=g)  # a loss that weighs every score differently
+    grads = []
+    for folded in (False, True):
+        model.zero_grad()
+        h = history.clone().requires_grad_()
+        scores = model.item_logits(h, table, items, folded=folded)
+        (scores * weights).sum().backward()
+        named = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads.append((scores.detach(), h.grad.clone(), named))
+    (ref, ref_h, ref_p), (fold, fold_h, fold_p) = grads
+    torch.testing.assert_close(fold, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fold_h, ref_h, atol=1e-4, rtol=1e-4)
+    assert fold_p.keys() == ref_p.keys() and "head_proj" in ref_p
+    for name in ref_p:
+        torch.testing.assert_close(fold_p[name], ref_p[name], atol=1e-3, rtol=1e-4, msg=name)
+    # the automatic choice: folded for many rows (300 > D), the reference form for a few
+    with torch.no_grad():
+        torch.testing.assert_close(model.item_logits(history, table, items), fold)
+        torch.testing.assert_close(model.item_logits(history[:4], table, items), ref[:4])
+
+
 def _scores_with_item_and_as_unknown(model: FAIR, item: int):
     """(items, scores with ``item`` as the newest item of user 2, scores with it replaced by -1)."""
     codes, mask = _inputs()
