@@ -8,6 +8,9 @@ starts, because worker processes build their app from the environment alone. ``F
 ``--redis-url`` refuses a URL with a password (``FAIR_REDIS_URL`` takes it), and the URL is only ever
 printed with its password hidden (``service.redact``).
 
+The HTTP edge (a head deadline, head size and field-count limits, keep-alive idle, a connection cap
+per worker) is ``service.edge``'s protocol, selected here.
+
 With no ``FAIR_REDIS_URL`` the embedded Redis is started here, once, and its socket URL handed to
 every worker. With ``--workers > 1`` Prometheus multiprocess mode is switched on (a temporary
 ``PROMETHEUS_MULTIPROC_DIR`` unless one is set) so ``/metrics`` adds up all workers.
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # after the environment is final
 
+    from service import edge
     from service.embedded_redis import EmbeddedRedis
     from service.redis_supervisor import RedisSupervisor
 
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
         if received:  # asked to stop while the embedded Redis was starting
             return 0
+        edge.ensure_fd_limit(settings.max_connections)  # workers inherit it
         uvicorn.run(
             "service.app:create_app",
             factory=True,
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=settings.log_level.lower(),
             access_log=False,  # per-request logs cost more than the request; metrics cover it
             timeout_graceful_shutdown=30,
+            **edge.uvicorn_options(settings),  # header timeout and limits, keep-alive, connection cap
         )
     except RuntimeError as exc:
         print(f"fair-serve: {exc}", file=sys.stderr)
