@@ -21,6 +21,11 @@ Layout (in the spirit of Triton's model repository: several versions side by sid
                                      over [item_table, item_bias] (model.search.modes.ann), read with
                                      faiss.read_index after its checksum; its parameters are the
                                      manifest's search.index
+        item_encoder.onnx            optional (fair-export --item-encoder; the manifest's item_encoder
+        item_tokenizer.json          record lists them): the text encoder the semantic IDs were built
+        new_items.npz                with, its tokenizer, and the folded per-level code tables (+ text
+                                     projections) that give an item added without retraining its row
+                                     (service/new_item_encoder.py); the quantizer is the table's own
 
 Schema 3 bundles (the same, but model.onnx takes the item indices, items [B, N] int64, and holds the
 [I, D] ID tables itself; no item_inputs.npy) and schema 2 bundles (model.onnx -> code_scores + query,
@@ -79,6 +84,12 @@ TRIE_FILE = "trie.npz"
 POPULAR_FILE = "popular.npy"
 ANN_INDEX_FILE = "ann_index.faiss"  # schema 3/4, search mode ann only
 ANN_MODE = "ann"
+# optional: what the service needs to add items without retraining (manifest key "item_encoder")
+ITEM_ENCODER_FILE = "item_encoder.onnx"  # text -> embedding, the encoder the semantic IDs came from
+ITEM_TOKENIZER_FILE = "item_tokenizer.json"  # its tokenizer (HF tokenizers JSON)
+NEW_ITEMS_FILE = "new_items.npz"  # folded code tables [L, V, D], code bias [L, V] (+ text projections)
+ITEM_ENCODER_KEY = "item_encoder"
+ITEM_ENCODER_FILES = (ITEM_ENCODER_FILE, ITEM_TOKENIZER_FILE, NEW_ITEMS_FILE)
 _SCHEMA_FILES = {
     2: (MODEL_FILE, SEMANTIC_IDS_FILE, ITEM_SCORES_FILE, TRIE_FILE, POPULAR_FILE),
     3: (
@@ -115,15 +126,24 @@ def takes_item_inputs(manifest: Mapping) -> bool:
     return schema == 4 and ITEM_INPUTS_INPUT in manifest_input_names(manifest)
 
 
+def has_item_encoder(manifest: Mapping) -> bool:
+    """Whether the bundle carries the optional item encoder (``fair-export --item-encoder``): then it
+    can give items added without retraining their semantic ID and folded row."""
+    return isinstance(manifest.get(ITEM_ENCODER_KEY), Mapping)
+
+
 def required_files(manifest: Mapping) -> tuple[str, ...]:
     """The files this manifest's bundle must hold: its layout's, plus ``item_inputs.npy`` for a graph
-    that takes item input vectors, plus the index of an ``ann`` search."""
+    that takes item input vectors, plus the index of an ``ann`` search, plus the item encoder's files
+    when the manifest records one."""
     files = bundle_files(manifest.get("schema_version", SCHEMA_VERSION))
     if takes_item_inputs(manifest):
         files = (*files, ITEM_INPUTS_FILE)
     search = manifest.get("search")
     if isinstance(search, Mapping) and search.get("mode") == ANN_MODE:
         files = (*files, ANN_INDEX_FILE)
+    if has_item_encoder(manifest):
+        files = (*files, *ITEM_ENCODER_FILES)
     return files
 
 

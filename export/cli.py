@@ -109,6 +109,13 @@ def export_parser() -> argparse.ArgumentParser:
         "index into the bundle"
     )
     p.add_argument(
+        "--item-encoder",
+        action="store_true",
+        help="also ship the text encoder the semantic IDs came from (ONNX + tokenizer) and the folded "
+        "per-level code tables, so the service can add items without retraining (POST /admin/items); "
+        "needs --data (the item texts check it) and a table built by fair-sid build (its quantizer)",
+    )
+    p.add_argument(
         "--max-abs-diff",
         type=float,
         help="enforce this limit on |scores onnx - torch| for any precision (default: 1e-4, fp32 only)",
@@ -253,6 +260,14 @@ def _summary_lines(path: Path, m: dict, problems: list[str], signature: str = "n
         + f"   item IDs: dim {ids.get('dim', 0)}, {ids.get('trained_items', 0)} of {m['num_items']} items trained"
     )
     add(f"opset      {m['opset']}   exporter {m['exporter'].get('name')} {m['exporter'].get('version')}")
+    encoder = m.get("item_encoder")
+    if isinstance(encoder, dict):
+        check = encoder.get("check") or {}
+        add(
+            f"new items  encoder {encoder.get('encoder')} ({encoder.get('embedding_dim')}-d), quantizer "
+            f"{encoder.get('quantizer')}: codes reproduced for {check.get('prefix_agreement')} of "
+            f"{check.get('items')} catalog items"
+        )
     for prec, v in (m.get("verification") or {}).items():
         add(
             f"verified   {prec}: max|diff| {v.get('max_abs_diff'):.3g}, top-10 identical "
@@ -297,6 +312,7 @@ def export_main(argv: list[str]) -> int:
             min_topk_agreement=args.min_topk_agreement,
             evaluate=True if args.evaluate else None,
             signing_key=keys[0] if keys else None,
+            item_encoder=args.item_encoder,
         )
     except ExportFailed as exc:
         return _fail(str(exc))

@@ -23,6 +23,7 @@ import torch
 from export import __version__
 from export.bundle import (
     ANN_INDEX_FILE,
+    ITEM_ENCODER_KEY,
     ITEM_INPUTS_FILE,
     MODEL_FILE,
     POPULAR_FILE,
@@ -41,6 +42,13 @@ from export.bundle import (
     utc_now,
 )
 from export.fold import fold_item_scores
+from export.item_encoder import (
+    ItemEncoderExportError,
+    check_table,
+    describe,
+    encoder_dir,
+    write_item_encoder,
+)
 from export.onnx_export import (
     DEFAULT_OPSET,
     ExportError,
@@ -266,6 +274,7 @@ def export_bundle(
     evaluate: bool | None = None,
     schema: int = SCHEMA_VERSION,
     signing_key: bytes | None = None,
+    item_encoder: bool = False,
 ) -> ExportResult:
     """Write ``out/name/VERSION`` from ``src``; see the module docstring for the guarantees.
 
@@ -278,7 +287,9 @@ def export_bundle(
     mode or auto) configured by ``search_settings`` (mode parameters by name, e.g. ``candidates``) is
     recorded in the manifest with every setting: how the service ranks with this bundle. ``schema``
     (not a CLI option): 4, or 3 for a bundle of the older layout (graph input ``items``, the ID tables in
-    the graph) as bundles exported before schema 4 are, which the service still reads.
+    the graph) as bundles exported before schema 4 are, which the service still reads. ``item_encoder``
+    (``--item-encoder``) adds the optional files that let the service add items without retraining
+    (``export.item_encoder``; needs ``src.dataset`` for the item texts and a schema 4 bundle).
     """
     start = time.perf_counter()
     model_dir = Path(out) / name
@@ -290,6 +301,18 @@ def export_bundle(
         evaluate = precision != "fp32" and src.dataset is not None
     if evaluate and src.dataset is None:
         raise ExportFailed("offline metrics need the run's data: pass --data DIR")
+    if item_encoder and src.dataset is None:
+        raise ExportFailed(
+            "--item-encoder needs the run's data (--data DIR): its item texts check the encoder"
+        )
+    if item_encoder and schema != 4:
+        raise ExportFailed(f"--item-encoder needs a schema 4 bundle, not schema {schema}")
+    if item_encoder:
+        try:  # before the slow trace: a table without its quantizer or encoder cannot get one
+            check_table(src.table)
+            encoder_dir(src.table)
+        except ItemEncoderExportError as exc:
+            raise ExportFailed(f"--item-encoder: {exc}") from exc
     try:
         check_opset(opset)  # before anything is written or traced
         check_schema(schema)
@@ -378,8 +401,16 @@ def export_bundle(
             manifest = _manifest(
                 src, name, opset, precision, metrics, verification, export_seconds, how, entry, schema
             )
+            if item_encoder:
+                assert src.dataset is not None
+                _log("exporting the item encoder (text encoder, tokenizer, per-level code tables) ...")
+                record = write_item_encoder(
+                    src.model, src.table, src.dataset.item_texts(), staging.path, opset
+                )
+                manifest[ITEM_ENCODER_KEY] = record
+                _log(f"item encoder: {describe(record)}")
             path = staging.commit(manifest, version, signing_key)
-    except (VerificationError, ExportError, BundleError) as exc:
+    except (VerificationError, ExportError, BundleError, ItemEncoderExportError) as exc:
         raise ExportFailed(str(exc)) from exc
     except OSError as exc:
         raise ExportFailed(f"{model_dir}: cannot write the bundle ({exc})") from exc

@@ -2,7 +2,9 @@
 
 Each stage is timed and the table's ``meta`` records how it was built (method, levels, codebook
 size, encoder, seed, seconds per stage, utilization, collisions), so a table found later on disk
-explains itself and benchmark numbers come straight from it.
+explains itself and benchmark numbers come straight from it. The fitted quantizer itself is kept in
+the table (``SemanticIdTable.quantizer``): a bundle gives items added after training their codes with
+it (``model.semantic_ids.assign``, service/new_items.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.data.dataset import SequenceDataset
+from model.semantic_ids.assign import CODEBOOKS
 from model.semantic_ids.collisions import add_collision_code, utilization
 from model.semantic_ids.encoders import CachedEncoder, TextEncoder
 from model.semantic_ids.rqkmeans import residual_kmeans
-from model.semantic_ids.rqvae import RQVAEConfig, train_rqvae
+from model.semantic_ids.rqvae import RQVAEConfig, quantizer_arrays, train_rqvae
 from model.semantic_ids.table import SemanticIdTable
 
 METHODS = ("rqvae", "rqkmeans")
@@ -41,6 +44,15 @@ class BuildConfig:
 
 def quantize(embeddings: np.ndarray, cfg: BuildConfig, progress: bool = True) -> tuple[np.ndarray, dict]:
     """Codes ``[N, levels]`` from the chosen quantizer, plus what it reports about its fit."""
+    codes, fit, _ = fit_quantizer(embeddings, cfg, progress=progress)
+    return codes, fit
+
+
+def fit_quantizer(
+    embeddings: np.ndarray, cfg: BuildConfig, progress: bool = True
+) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
+    """``quantize``, plus the fitted quantizer's arrays (``model.semantic_ids.assign``), which the table
+    keeps so items added later get their codes from the same quantizer."""
     if cfg.method == "rqkmeans":
         res = residual_kmeans(
             embeddings,
@@ -50,11 +62,13 @@ def quantize(embeddings: np.ndarray, cfg: BuildConfig, progress: bool = True) ->
             iters=cfg.kmeans_iters,
             progress=progress,
         )
-        return res.codes, {"residual_mse": res.residual_mse}
+        books = {CODEBOOKS: np.stack(res.codebooks).astype(np.float32)}
+        return res.codes, {"residual_mse": res.residual_mse}, books
     rq_cfg = RQVAEConfig(levels=cfg.levels, codebook_size=cfg.codebook_size, epochs=cfg.epochs, seed=cfg.seed)
-    res = train_rqvae(embeddings, rq_cfg, progress=progress)
-    last = res.history[-1]
-    return res.codes, {"final_recon": last["recon"], "final_vq": last["vq"], "rqvae": res.config}
+    rv = train_rqvae(embeddings, rq_cfg, progress=progress)
+    last = rv.history[-1]
+    fit = {"final_recon": last["recon"], "final_vq": last["vq"], "rqvae": rv.config}
+    return rv.codes, fit, quantizer_arrays(rv.model)
 
 
 def build_table(
@@ -69,7 +83,7 @@ def build_table(
         raise ValueError(f"{len(embeddings)} embeddings for {len(item_ids)} items")
     timings = dict((meta or {}).get("seconds", {}))
     t = time.perf_counter()
-    codes, fit = quantize(embeddings, cfg, progress=progress)
+    codes, fit, quantizer = fit_quantizer(embeddings, cfg, progress=progress)
     timings["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     full, collision_stats = add_collision_code(codes, cfg.codebook_size)
@@ -87,7 +101,9 @@ def build_table(
         **collision_stats,
         "fit": fit,
     }
-    return SemanticIdTable(item_ids=list(item_ids), codes=full, codebook_size=cfg.codebook_size, meta=info)
+    return SemanticIdTable(
+        item_ids=list(item_ids), codes=full, codebook_size=cfg.codebook_size, meta=info, quantizer=quantizer
+    )
 
 
 def build_semantic_ids(

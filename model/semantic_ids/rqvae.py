@@ -100,6 +100,19 @@ class RQVAE(nn.Module):
         return torch.cat(out)
 
 
+def quantizer_arrays(model: RQVAE) -> dict[str, np.ndarray]:
+    """The fitted quantizer as plain float32 arrays (``model.semantic_ids.assign``): the encoder's
+    linear layers (``encoder_weight_{i}`` ``[out, in]``, ``encoder_bias_{i}``) and the ``codebooks``
+    ``[levels, V, d]``. The decoder is not kept: assigning codes never needs it."""
+    out: dict[str, np.ndarray] = {}
+    linears = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(linears):
+        out[f"encoder_weight_{i}"] = layer.weight.detach().cpu().numpy().astype(np.float32)
+        out[f"encoder_bias_{i}"] = layer.bias.detach().cpu().numpy().astype(np.float32)
+    out["codebooks"] = model.codebooks.detach().cpu().numpy().astype(np.float32)
+    return out
+
+
 @dataclass
 class RQVAEResult:
     codes: np.ndarray  # [N, levels] int64

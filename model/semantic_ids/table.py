@@ -1,6 +1,9 @@
 """``SemanticIdTable``: the item id <-> code tuple mapping, saved as a versioned ``.npz`` file.
 
 numpy only: the service loads this from a bundle and must not import torch.
+A table built by ``fair-sid build`` also keeps its fitted quantizer (``quantizer``: plain arrays,
+``model.semantic_ids.assign``), so a bundle can give items added after training their semantic ID;
+it is not part of ``sha256()`` (which names the codes), and tables without one load as before.
 Every code of every level (the collision-separating last level included) lies in
 ``[0, codebook_size)``, so the model has one output vocabulary of size ``codebook_size`` per level.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
+QUANTIZER_PREFIX = "quantizer_"  # .npz keys of the quantizer's arrays (absent in older tables)
 
 
 class SemanticIdError(ValueError):
@@ -36,6 +40,8 @@ class SemanticIdTable:
     codes: np.ndarray  # [N, L] int64, unique rows
     codebook_size: int
     meta: dict = field(default_factory=dict)  # how it was built: method, levels, timings...
+    # the fitted quantizer (model.semantic_ids.assign: codebooks [+ the RQ-VAE encoder]); {} when unknown
+    quantizer: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +108,7 @@ class SemanticIdTable:
                     codes=self.codes,
                     codebook_size=np.int64(self.codebook_size),
                     meta=np.asarray(json.dumps(self.meta)),
+                    **{QUANTIZER_PREFIX + k: np.asarray(v) for k, v in self.quantizer.items()},
                 )
             os.chmod(tmp, 0o644)  # mkstemp creates it private; a table is read by other tools and users
             os.replace(tmp, path)
@@ -127,6 +134,11 @@ class SemanticIdTable:
                     codes=z["codes"],
                     codebook_size=int(z["codebook_size"]),
                     meta=json.loads(str(z["meta"])),
+                    quantizer={
+                        k.removeprefix(QUANTIZER_PREFIX): z[k]
+                        for k in z.files
+                        if k.startswith(QUANTIZER_PREFIX)
+                    },
                 )
         except SemanticIdError:
             raise
