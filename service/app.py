@@ -16,6 +16,7 @@ from service.admission import AdmissionMiddleware
 from service.api import admin, probes, recommend, users
 from service.auth import guard_of
 from service.lifespan import lifespan_of
+from service.overload import Admission
 from service.schemas import error_responses
 from service.settings import Settings
 from service.state import AppState
@@ -35,8 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _mount(app, state, router)
     if state.settings.admin_token is not None:  # unset: the admin routes do not exist
         _mount(app, state, admin.router)
+    s = state.settings
+    # the admission decisions of /recommend (service/overload.py); the route class reads it from here
+    app.state.admission = Admission(
+        state, s.request_timeout_ms / 1000.0, s.admission_share, s.max_in_flight, s.max_batch_size
+    )
     app.add_middleware(
         AdmissionMiddleware,
+        admission=app.state.admission,
         max_body_bytes=state.settings.max_body_bytes,
         body_timeout_s=state.settings.body_timeout_ms / 1000.0,
     )

@@ -99,11 +99,13 @@ class Batcher:
         self._thread.start()
 
     # ---- event-loop side ----
-    def expected_wait_s(self) -> float:
-        """How long a job submitted now would wait before its batch is done. 0 before any measurement
-        and whenever nothing is ahead of it: an idle service never refuses (a stale, high estimate
-        must not lock it into refusing everything, which would also stop it from measuring anew)."""
-        ahead = self._queue.qsize() + self._in_progress
+    def expected_wait_s(self, extra_ahead: int = 0) -> float:
+        """How long a job submitted now would wait before its batch is done; ``extra_ahead``: jobs not
+        queued yet that will be before it (requests still reading their history from Redis). 0 before
+        any measurement and whenever nothing is ahead of it: an idle service never refuses (a stale,
+        high estimate must not lock it into refusing everything, which would also stop it from
+        measuring anew)."""
+        ahead = self._queue.qsize() + self._in_progress + extra_ahead
         if self.job_cost_s is None or ahead == 0:
             return 0.0
         lag = self.delivery_lag_s * math.exp(-(time.perf_counter() - self._lag_at) / LAG_DECAY_S)
@@ -111,10 +113,13 @@ class Batcher:
 
     def submit(self, job: Job, time_left_s: float | None = None) -> asyncio.Future:
         """Enqueue without blocking; raises ``QueueFull`` (queue at capacity), ``Overloaded`` (the
-        expected wait exceeds ``time_left_s``, the request's remaining deadline) or ``BatcherClosed``."""
+        expected wait exceeds ``time_left_s``, the request's remaining deadline), ``TimeoutError``
+        (nothing is left of it: a timeout, not an overload, whatever the queue) or ``BatcherClosed``."""
         if self._closed:
             raise BatcherClosed("service is shutting down")
         if time_left_s is not None:
+            if time_left_s <= 0:
+                raise TimeoutError("the request deadline passed before its job was queued")
             wait = self.expected_wait_s()
             if wait > time_left_s:
                 raise Overloaded(

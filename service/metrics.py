@@ -52,6 +52,24 @@ BATCH_SIZE = Histogram("fair_batch_size", "Requests per inference batch", bucket
 QUEUE_DEPTH = Gauge(
     "fair_queue_depth", "Requests waiting for the inference worker", multiprocess_mode="livesum"
 )
+# Admission of /recommend (service/overload.py): the requests admitted and not yet answered, how many
+# may be (measured throughput x deadline x FAIR_ADMISSION_SHARE), and how late the event loop runs.
+IN_FLIGHT = Gauge(
+    "fair_requests_in_flight",
+    "/recommend requests admitted and not yet answered",
+    multiprocess_mode="livesum",
+)
+ADMISSION_CAPACITY = Gauge(
+    "fair_admission_capacity",
+    "/recommend requests that may be in flight before new ones get 429 (measured, or FAIR_MAX_IN_FLIGHT; "
+    "0 = not measured yet, no cap)",
+    multiprocess_mode="livesum",
+)
+LOOP_LAG = Histogram(
+    "fair_event_loop_lag_seconds",
+    "How late a timer due every 5 ms ran on the event loop (sampled while requests come)",
+    buckets=STAGE_BUCKETS,
+)
 REJECT_REASONS = (
     "overloaded",
     "queue_full",

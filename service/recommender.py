@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
+from service.admission import current_ticket
 from service.batcher import BatcherClosed, Job, Overloaded, QueueFull
 from service.engine import Engine
 from service.errors import ServiceError, overloaded, unavailable
+from service.overload import Ticket
 from service.redis_calls import redis_call
 from service.schemas import RecommendRequest
 from service.state import AppState
@@ -37,22 +39,28 @@ class Answer:
 
 
 async def recommend(state: AppState, body: RecommendRequest) -> Answer:
+    """The answer within the request deadline, counted from the request's arrival (the admission
+    ticket, service/admission.py): a deadline already passed is a 504 at once, and a request that
+    cannot make it is refused (429) before it waits for Redis or the batcher."""
     t_start = time.perf_counter()
     engine = state.serving(reject_reason="no_model")
     settings = state.settings
-    timeout_s = settings.request_timeout_ms / 1000.0
+    ticket = current_ticket()
+    deadline_at = (
+        (ticket.arrival + ticket.deadline_s) if ticket else t_start + settings.request_timeout_ms / 1e3
+    )
+    reads_redis = body.history is None
+    _admit(ticket, deadline_at - t_start, reads_redis)
     timing: dict[str, float] = {}
     k = body.k or settings.default_k
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(deadline_at - t_start):
             if body.history is not None:
                 raw = body.history
             else:
                 assert state.store is not None, "lifespan not started"
                 t0 = time.perf_counter()
-                raw = await redis_call(
-                    state.store.get(body.user_id), None
-                )  # the request's deadline bounds it
+                raw = await redis_call(state.store.get(body.user_id), None)  # the deadline bounds it
                 timing["redis"] = time.perf_counter() - t0
                 metrics.stage("redis").observe(timing["redis"])
             index = engine.item_index
@@ -76,7 +84,7 @@ async def recommend(state: AppState, body: RecommendRequest) -> Answer:
                     future=asyncio.get_running_loop().create_future(),
                     loop=asyncio.get_running_loop(),
                 )
-                result = await _infer(state, job, timeout_s - (time.perf_counter() - t_start))
+                result = await _infer(state, job, deadline_at - time.perf_counter())
                 metrics.stage("queue_wait").observe(job.queue_wait)
                 timing.update(queue_wait=job.queue_wait, inference=job.inference, beam_search=job.beam_search)
                 items = items_json(engine, result.items, result.scores)
@@ -93,6 +101,25 @@ async def recommend(state: AppState, body: RecommendRequest) -> Answer:
         f'"items":[{items}],"fallback":{_json(fallback)}}}'
     ).encode()
     return Answer(content, timing)
+
+
+def _admit(ticket: Ticket | None, left_s: float, reads_redis: bool) -> None:
+    """Before the first wait: 504 when nothing is left of the deadline (the request waited for the event
+    loop that long: a timeout, not an overload), 429 when the waits ahead would not fit into what is."""
+    if left_s <= 0:
+        raise ServiceError(
+            504, "timeout", f"the request deadline passed {-left_s * 1000:.0f} ms before the request could "
+            "be handled (it waited for its body, or for the event loop)", reject_reason="timeout",
+        )  # fmt: skip
+    if ticket is None:
+        return
+    wait_s, parts = ticket.admission.expected_wait_s(reads_redis)
+    if wait_s > left_s:
+        raise overloaded(
+            "overloaded",
+            f"overloaded: expected wait {wait_s * 1000:.0f} ms ({parts}) exceeds the {left_s * 1000:.0f} ms "
+            "left of the request deadline",
+        )
 
 
 async def _infer(state: AppState, job: Job, time_left_s: float):

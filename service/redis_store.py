@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -64,6 +65,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 # connection (and an answer) even when every traffic slot is taken.
 PING_SLOTS = 2
 
+
+# Weight of the newest call in the running average of the time a call holds its connection slot.
+HOLD_EWMA_WEIGHT = 0.05
 
 # How long the dedupe key of a token the service drew itself lives: it only has to outlast the client
 # library's retries inside one request (bounded by the request deadline).
@@ -204,6 +208,14 @@ class HistoryStore:
         # At most as many calls in flight as the pool has connections: the cluster client raises
         # "too many connections" instead of waiting, so a burst would turn into 503s.
         self._slots = asyncio.Semaphore(max_concurrency)
+        self.slots = max_concurrency
+        # Admission (service/overload.py) counts the wait for a slot: the calls waiting for one or
+        # holding one, the measured time a call holds its slot (running average), and since when each
+        # call now holding one has held it (a stalled Redis shows there before any call finishes).
+        self.in_use = 0
+        self.hold_s: float | None = None
+        self._held_since: dict[int, float] = {}
+        self._call_ids = itertools.count()
         self._ping_slots = asyncio.Semaphore(PING_SLOTS)  # readiness never waits behind traffic
         # Outages are logged when they start and end, not once per failed request (thousands a second).
         # "Ended" means no failure for RECOVERY_QUIET_S: a Redis that fails every other call (a cluster
@@ -218,7 +230,7 @@ class HistoryStore:
     async def get(self, user_id: str) -> list[str]:
         """The user's newest ``max_items`` item ids, oldest first; [] for an unknown user."""
         try:
-            async with self._slots:
+            async with self._slot():
                 items = await self.client.lrange(self.key(user_id), -self.max_items, -1)
         except REDIS_FAILURES as exc:
             raise self._unavailable(exc) from exc
@@ -249,7 +261,7 @@ class HistoryStore:
             keys = [key]  # written without a dedupe record: a client-library retry could duplicate it
         fingerprint = items_fingerprint(item_ids)
         try:
-            async with self._slots:
+            async with self._slot():
                 applied, answer = await self.client.eval(
                     _APPEND_ONCE,
                     len(keys),
@@ -269,6 +281,34 @@ class HistoryStore:
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict("this idempotency key was already used with other items")
         return AppendResult(length=int(length), replayed=not applied)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the traffic's ``slots`` connections, counted while waited for and held."""
+        self.in_use += 1
+        try:
+            async with self._slots:
+                call, start = next(self._call_ids), time.perf_counter()
+                self._held_since[call] = start
+                try:
+                    yield
+                finally:
+                    del self._held_since[call]
+                    held = time.perf_counter() - start
+                    h = self.hold_s
+                    self.hold_s = held if h is None else h + HOLD_EWMA_WEIGHT * (held - h)
+        finally:
+            self.in_use -= 1
+
+    def expected_wait_s(self) -> float:
+        """How long a read started now would take: the calls ahead of it (waiting for a slot or
+        holding one) go in rounds of ``slots``, then its own call, each at the measured time per call,
+        or at the age of the oldest call in progress when that is longer (Redis has stalled)."""
+        per_call = self.hold_s or 0.0
+        if self._held_since:
+            per_call = max(per_call, time.perf_counter() - min(self._held_since.values()))
+        rounds_ahead = max(0, self.in_use - self.slots + 1) / self.slots
+        return (rounds_ahead + 1.0) * per_call
 
     async def ping(self) -> bool:
         try:  # own slots, not the traffic's: readiness must not flap just because traffic is high

@@ -157,3 +157,44 @@ def test_an_idle_batcher_never_refuses_even_after_a_pathological_measurement(eng
 
     result, cost = asyncio.run(run())
     assert len(result.items) > 0 and cost < 100.0
+
+
+def test_a_job_with_no_time_left_is_a_timeout_never_an_overload_with_a_negative_time(engine):
+    """A request that reaches the batcher after its deadline (it waited for Redis or the event loop)
+    used to be refused as 'expected wait 0 ms exceeds the -3357 ms left': a timeout dressed as an
+    overload. It is a TimeoutError (the caller's 504) whatever the queue holds, and nothing is queued."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=8, max_wait_ms=0, queue_size=64)
+        for left in (0.0, -3.357):
+            with pytest.raises(TimeoutError):
+                batcher.submit(_job(engine, loop, 0), time_left_s=left)
+        depth = batcher.depth
+        await asyncio.to_thread(batcher.close)
+        return depth
+
+    assert asyncio.run(run()) == 0
+
+
+def test_requests_still_reading_redis_count_as_work_ahead(engine):
+    """``extra_ahead`` (requests that will reach the queue first: they are reading their history from
+    Redis) adds to the expected wait at the measured cost per job, even while the queue is empty."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch_size=8, max_wait_ms=0, queue_size=64)
+        await batcher.submit(_job(engine, loop, 0), time_left_s=30.0)
+        deadline = time.monotonic() + 60
+        while batcher.job_cost_s is None:  # recorded after the result is handed over: wait for it
+            assert time.monotonic() < deadline, "the worker never recorded the batch's cost"
+            await asyncio.sleep(0.01)
+        batcher.delivery_lag_s = 0.0
+        waits = batcher.expected_wait_s(), batcher.expected_wait_s(extra_ahead=10)
+        cost = batcher.job_cost_s
+        await asyncio.to_thread(batcher.close)
+        return waits, cost
+
+    (idle, ahead), cost = asyncio.run(run())
+    assert idle == 0.0  # nothing queued, nothing reading: an idle batcher never refuses
+    assert ahead == pytest.approx(11 * cost)
