@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,22 +128,30 @@ def _read_to_close(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+# bytes read past one response, per socket (pipelined answers)
+_unread: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
     """One response on a keep-alive connection: (status, body); the connection stays open."""
-    data = b""
+    data = _unread.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"closed before a response: {data!r}"
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, rest = data.partition(b"\r\n\r\n")
     length = next(
         int(line.split(b":", 1)[1])
         for line in head.split(b"\r\n")
         if line.lower().startswith(b"content-length:")
     )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split()[1]), body
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed within a response"
+        rest += chunk
+    if rest[length:]:
+        _unread[sock] = rest[length:]
+    return int(head.split()[1]), rest[:length]
 
 
 def _status(raw: bytes) -> int:
@@ -166,8 +175,10 @@ def _refused(served: Served, reason: str) -> float:
 
 
 # ---- head deadline ----
-def test_a_head_trickled_byte_by_byte_is_answered_408_and_closed_at_the_header_timeout(deadlines):
-    """Sending more bytes does not extend the deadline (the slowloris attack)."""
+def test_a_head_trickled_byte_by_byte_is_closed_at_the_header_timeout(deadlines):
+    """Sending more bytes does not extend the deadline (the slowloris attack). The close may reach us as
+    a reset (a byte of ours arrived after the server's 408 and close), so the 408 itself is checked by
+    the tests below, where the client stops sending."""
     before = _refused(deadlines, "header_timeout")
     trickle = b"X-Slow: " + b"a" * 4096
     with deadlines.connect() as sock:
@@ -176,14 +187,18 @@ def test_a_head_trickled_byte_by_byte_is_answered_408_and_closed_at_the_header_t
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ)
         sent = 0
-        while not sel.select(timeout=0.1):  # one byte every 0.1 s until the server answers
-            assert time.monotonic() - start < HEADER_TIMEOUT_S + SLACK_S, "never closed"
-            sock.sendall(trickle[sent : sent + 1])
-            sent += 1
-        raw = _read_to_close(sock)
+        try:
+            while not sel.select(timeout=0.1):  # one byte every 0.1 s until the server answers
+                assert time.monotonic() - start < HEADER_TIMEOUT_S + SLACK_S, "never closed"
+                sock.sendall(trickle[sent : sent + 1])
+                sent += 1
+            raw = _read_to_close(sock)
+            assert _status(raw) == 408 and b'"header_timeout"' in raw
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         elapsed = time.monotonic() - start
-    assert _status(raw) == 408 and b'"header_timeout"' in raw
     assert HEADER_TIMEOUT_S <= elapsed < HEADER_TIMEOUT_S + SLACK_S
+    assert sent >= 10  # it did trickle
     assert _refused(deadlines, "header_timeout") >= before + 1
 
 
@@ -252,6 +267,25 @@ def test_the_rest_of_a_body_answered_early_has_the_header_deadline_too(deadlines
             pass
         elapsed = time.monotonic() - start
     assert HEADER_TIMEOUT_S <= elapsed < HEADER_TIMEOUT_S + SLACK_S
+
+
+def test_pipelined_requests_and_a_body_in_pieces_are_served_on_one_connection(deadlines):
+    """Normal use is untouched: three requests in one write, then a body sent in two writes."""
+    with deadlines.connect() as sock:
+        sock.sendall(_head() * 3)
+        assert [_read_response(sock)[0] for _ in range(3)] == [200] * 3
+        body = b'{"item_ids": ["a", "b"]}'
+        sock.sendall(
+            b"POST /users/u/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:5]
+        )
+        time.sleep(0.2)  # not a wait for anything: the body's second half comes in a later read
+        sock.sendall(body[5:])
+        status, answer = _read_response(sock)
+        assert status == 503 and b"no_model" in answer  # no bundle here: the body was read and routed
+        sock.sendall(_head())
+        assert _read_response(sock)[0] == 200
 
 
 # ---- head size and field count ----
@@ -326,9 +360,9 @@ def test_a_64_mb_header_is_cut_off_without_growing_the_server(deadlines):
 def test_an_idle_kept_alive_connection_is_closed_after_keep_alive_s(capped):
     """The head deadline is 60 s on this server: what closes the connection is the keep-alive limit."""
     with capped.connect() as sock:
+        start = time.monotonic()  # the idle time counts from the response, after this
         sock.sendall(_head())
         assert _read_response(sock)[0] == 200
-        start = time.monotonic()
         assert sock.recv(65536) == b""
         elapsed = time.monotonic() - start
     assert KEEP_ALIVE_S <= elapsed < KEEP_ALIVE_S + SLACK_S
