@@ -182,8 +182,11 @@ class Catalog:
         self.base_items = b.table.num_items
         self.base_index = b.table.index_of()
         self.item_ids = b.table.item_ids
-        self._template = b
+        self._heads = b.scorer.heads
         self._index = b.scorer.__dict__.get(_INDEX_ATTR)
+        # the bundle over the buffers (set by _allocate): nothing here keeps the loaded bundle's own
+        # [I, D] arrays alive once the engine that holds them is replaced
+        self._template = b
         self._allocate(self.base_items + spare, b.table.codes, b.scorer.table, b.scorer.bias, b.item_inputs)
         self.spare = spare
 
@@ -198,12 +201,17 @@ class Catalog:
         if inputs is not None:
             self.inputs = np.empty((capacity, inputs.shape[1]), dtype=np.float32)
             self.inputs[:n] = inputs[:n]
-        heads = self._template.scorer.heads  # type: ignore[attr-defined]
-        self.base_scorer = FoldedScorer(self.codes[:n], self.table[:n], self.bias[:n], heads)
+        self.base_scorer = FoldedScorer(self.codes[:n], self.table[:n], self.bias[:n], self._heads)
         if self._index is not None:  # the bundle's ann index, over exactly these rows
             attach_index(self.base_scorer, self._index)
         self.written: list[str] = []
-        self.prefixes = PrefixIndex(self.codes[:n], self._template.table.codebook_size)
+        b = self._template
+        table = SemanticIdTable(
+            self.item_ids, self.codes[:n], b.table.codebook_size, b.table.meta, b.table.quantizer
+        )
+        table._index = self.base_index
+        self._template = replace(b, table=table, scorer=self.base_scorer, item_inputs=self._base_inputs())
+        self.prefixes = PrefixIndex(self.codes[:n], b.table.codebook_size)
 
     @property
     def capacity(self) -> int:
@@ -258,17 +266,7 @@ class Catalog:
 
     def base_engine(self) -> Engine:
         """The bundle alone again (every new item gone), over the buffers' bundle rows."""
-        b = self._template
-        table = SemanticIdTable(
-            list(self.item_ids),
-            self.codes[: self.base_items],
-            b.table.codebook_size,
-            b.table.meta,
-            b.table.quantizer,
-        )
-        table._index = self.base_index
-        bundle = replace(b, table=table, scorer=self.base_scorer, item_inputs=self._base_inputs())
-        return Engine(bundle, self.session, self.provider, self.max_history, self.loaded_at)
+        return Engine(self._template, self.session, self.provider, self.max_history, self.loaded_at)
 
     def _base_inputs(self) -> np.ndarray | None:
         return None if self.inputs is None else self.inputs[: self.base_items]

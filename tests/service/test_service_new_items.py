@@ -382,3 +382,40 @@ def test_every_search_mode_ranks_new_items_exactly(bundles, mode):
     assert np.array_equal(items, reference.items)
     np.testing.assert_allclose(got, reference.scores, rtol=1e-6, atol=1e-6)
     assert (items >= ITEMS).any()
+
+
+def test_catalog_appends_without_copying_and_never_changes_rows_in_use(bundles):
+    """An add writes rows past every view handed out (no copy of the catalog); a delete writes fresh
+    buffers; an engine already serving keeps its rows either way; the loaded bundle's own arrays are
+    released once its engine is gone."""
+    import gc
+    import weakref
+
+    engine = load_engine(bundles.dir / "1", providers=["CPUExecutionProvider"])
+    original = weakref.ref(engine.bundle.scorer.table)
+    encoder = ItemEncoder.load(engine.bundle)
+    rng = np.random.default_rng(5)
+    emb = encoder.embed([item_text(rng) for _ in range(3)])
+    codes, _ = assign_codes(encoder.prefixes(emb), PrefixIndex(engine.bundle.table.codes, VOCAB))
+    rows = encoder.rows(codes, emb)
+    catalog = Catalog(engine)
+    del engine
+    gc.collect()
+    assert original() is None  # only the catalog's buffers hold the bundle's rows now
+    two = catalog.extend(
+        ["a", "b"],
+        replace(rows, codes=rows.codes[:2], table=rows.table[:2], bias=rows.bias[:2], inputs=rows.inputs[:2]),
+    )
+    buffer, before = catalog.table, two.bundle.scorer.table.copy()
+    three = catalog.extend(["a", "b", "c"], rows)
+    assert catalog.table is buffer  # appended in place
+    assert three.bundle.table.num_items == ITEMS + 3 and three.item_index["c"] == ITEMS + 2
+    assert np.array_equal(two.bundle.scorer.table, before)
+    rows_bc = replace(
+        rows, codes=rows.codes[1:], table=rows.table[1:], bias=rows.bias[1:], inputs=rows.inputs[1:]
+    )
+    after_delete = catalog.extend(["b", "c"], rows_bc)  # "a" deleted: rows move, so fresh buffers
+    assert catalog.table is not buffer
+    assert np.array_equal(two.bundle.scorer.table, before)
+    assert after_delete.item_index["b"] == ITEMS and "a" not in after_delete.item_index
+    np.testing.assert_array_equal(after_delete.bundle.scorer.table[ITEMS:], rows.table[1:])
