@@ -65,6 +65,10 @@ class EmbeddedRedis:
     def mark_failed(self, reason: str) -> None:
         self.failed_marker.write_text(reason + "\n")
 
+    def clear_failed(self) -> None:
+        """The server is healthy again (the supervisor decides when): /healthz answers 200 again."""
+        self.failed_marker.unlink(missing_ok=True)
+
     def given_up(self) -> bool:
         """True while the supervisor has given up on the server (the marker file holds the reason)."""
         return self.failed_marker.exists()
@@ -75,7 +79,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._make_socket_dir()
         if self.answers():  # a server for this data dir is already up (the service's): share it
-            self.failed_marker.unlink(missing_ok=True)  # it answers, so a marker left behind is stale
+            self.clear_failed()  # it answers, so a marker left behind is stale
             log.info("embedded redis already running at %s; reusing it", self.url)
             return self
         self.socket_path.unlink(missing_ok=True)
@@ -119,7 +123,7 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
-        self.failed_marker.unlink(missing_ok=True)
+        self.clear_failed()
         log.info("embedded redis-server pid %d at %s (data in %s)", self.proc.pid, self.url, self.data_dir)
         return self
 

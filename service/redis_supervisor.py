@@ -8,8 +8,12 @@ ERROR, and restarts it on the same data directory (the AOF replays every acknowl
 most the last second's) with exponential backoff. After ``max_attempts`` failed starts in a row, or
 ``max_attempts`` restarts within ``CRASH_LOOP_WINDOW_S`` (a server that starts and dies again, e.g.
 killed for memory after loading), it writes ``EmbeddedRedis.failed_marker``, logs CRITICAL, and
-``/healthz`` of every worker answers 503, so an orchestrator restarts the whole service; it keeps
-trying meanwhile, and a start that is not part of a crash loop removes the marker. Only state changes are logged (down, restarted, given up), never one line per check.
+``/healthz`` of every worker answers 503, so an orchestrator restarts the whole service. It keeps
+trying meanwhile: after failed starts, the first start that succeeds removes the marker; after a crash
+loop (each restart succeeded), the marker is removed once the server has stayed up for the window since
+its last restart (without an orchestrator, nothing else would ever clear it: /healthz stayed 503 for
+good while Redis was back). Only state changes are logged (down, restarted, given up, recovered),
+never one line per check.
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ CRASH_LOOP_WINDOW_S = 60.0
 
 
 class RedisSupervisor:
-    def __init__(self, embedded: EmbeddedRedis, max_attempts: int = 5, check_s: float = 0.5):
+    def __init__(
+        self,
+        embedded: EmbeddedRedis,
+        max_attempts: int = 5,
+        check_s: float = 0.5,
+        crash_loop_window_s: float = CRASH_LOOP_WINDOW_S,
+    ):
         self.embedded, self.max_attempts, self.check_s = embedded, max_attempts, check_s
+        self.crash_loop_window_s = crash_loop_window_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fair-redis-supervisor", daemon=True)
         self.restarts = 0  # successful restarts so far (tests and logs read it)
         self._recent: collections.deque[float] = collections.deque()  # times of recent restarts
+        self._in_crash_loop = False  # the marker is ours, written for a crash loop
 
     def start(self) -> RedisSupervisor:
         self._thread.start()
@@ -54,6 +66,8 @@ class RedisSupervisor:
     def _run(self) -> None:
         while not self._stop.wait(self.check_s):
             if self._alive():
+                if self._in_crash_loop:
+                    self._end_crash_loop_if_stable()
                 continue
             proc = self.embedded.proc
             code = proc.returncode if proc is not None else None
@@ -93,14 +107,33 @@ class RedisSupervisor:
                 now - down_at,
             )
             self._recent.append(now)
-            while self._recent and now - self._recent[0] > CRASH_LOOP_WINDOW_S:
+            window = self.crash_loop_window_s
+            while self._recent and now - self._recent[0] > window:
                 self._recent.popleft()
+            self._in_crash_loop = False  # start() removed the marker
             if len(self._recent) >= self.max_attempts:  # it starts, then dies again: a crash loop
-                self.embedded.mark_failed(f"{len(self._recent)} restarts within {CRASH_LOOP_WINDOW_S:.0f} s")
+                self.embedded.mark_failed(f"{len(self._recent)} restarts within {window:.0f} s")
+                self._in_crash_loop = True
                 log.critical(
                     "embedded redis-server crash loop (%d restarts within %.0f s); /healthz now answers 503 "
-                    "so an orchestrator restarts the service",
+                    "so an orchestrator restarts the service (it answers 200 again once the server has "
+                    "stayed up for %.0f s)",
                     len(self._recent),
-                    CRASH_LOOP_WINDOW_S,
+                    window,
+                    window,
                 )
             return
+
+    def _end_crash_loop_if_stable(self) -> None:
+        """The server has stayed up for the crash-loop window since its last restart: the loop is over."""
+        up_s = time.monotonic() - self._recent[-1]
+        if up_s < self.crash_loop_window_s:
+            return
+        self._in_crash_loop = False
+        self._recent.clear()
+        self.embedded.clear_failed()
+        log.warning(
+            "embedded redis-server has stayed up for %.0f s since its last restart: crash loop over, "
+            "/healthz answers 200 again",
+            up_s,
+        )

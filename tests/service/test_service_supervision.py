@@ -112,16 +112,21 @@ def test_an_external_redis_outage_is_logged_once_when_it_starts_and_once_when_it
     assert str(redis_server.socket_path) in down[0].getMessage()  # the address is in the log, not the answer
 
 
-def test_a_crash_loop_fails_healthz_even_though_each_restart_succeeds(tiny_bundle, caplog):
+def test_a_crash_loop_fails_healthz_until_the_server_has_stayed_up_for_the_window(tiny_bundle, caplog):
     """A server that starts and then dies again (killed for memory after loading, say) is restarted
-    "successfully" every time: counting restarts in a window is what notices it."""
+    "successfully" every time: counting restarts in a window is what notices it. Once it stays up for
+    that window, /healthz answers 200 again (issue 23, E2: it used to stay 503 for good, Redis back and
+    /readyz 200, since no later start came to remove the marker)."""
+    window_s = 10.0  # 60 s in service; shortened here, the same code path
     with tempfile.TemporaryDirectory(prefix="fair-sup-") as data_dir:
         settings = make_settings(
             tiny_bundle, {"data_dir": Path(data_dir)}, redis_timeout_ms=200, redis_restart_attempts=2
         )
         with caplog.at_level(logging.INFO, logger="fair.redis"), LiveServer(settings) as live:
             url, supervisor = live.url, live.state.supervisor
+            supervisor.crash_loop_window_s = window_s
             for n in range(2):
+                last_kill = time.monotonic()  # before the last restart: the window counts from it
                 os.kill(live.state.embedded.proc.pid, signal.SIGKILL)
                 _wait_for(lambda n=n: supervisor.restarts == n + 1, 20, "a restart")
             health = _wait_for(
@@ -132,3 +137,9 @@ def test_a_crash_loop_fails_healthz_even_though_each_restart_succeeds(tiny_bundl
             assert any(
                 "crash loop" in r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL
             )
+
+            _wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, window_s + 30, "/healthz 200")
+            assert time.monotonic() - last_kill >= window_s  # not before the server stayed up that long
+            assert not live.state.embedded.given_up()
+            assert any("crash loop over" in r.getMessage() for r in caplog.records)
+            assert httpx.get(f"{url}/readyz").status_code == 200
