@@ -196,7 +196,7 @@ async def _refuse(send: Send, message: str) -> None:
     """429 ``overloaded`` + Retry-After, the envelope of service/errors.py, written directly: the
     body is never read and nothing of FastAPI runs."""
     _OVERLOADED.inc()
-    body = json.dumps(envelope("overloaded", message)).encode()
+    body = json.dumps(envelope("overloaded", message), separators=(",", ":")).encode()
     headers = [*_REFUSAL_HEADERS, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": body})

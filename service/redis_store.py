@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -186,6 +186,36 @@ def sync_client(url: str, cluster: bool = False, timeout_s: float = 5.0):
     return redis.from_url(url, **kwargs)
 
 
+class _Slot:
+    """``async with store._slot()``: the semaphore, with the counts admission reads (a class, not a
+    generator-based context manager: this runs once per Redis call)."""
+
+    __slots__ = ("store", "call", "start")
+
+    def __init__(self, store: HistoryStore):
+        self.store = store
+
+    async def __aenter__(self) -> None:
+        store = self.store
+        store.in_use += 1
+        try:
+            await store._slots.acquire()
+        except BaseException:
+            store.in_use -= 1
+            raise
+        self.call, self.start = next(store._call_ids), time.perf_counter()
+        store._held_since[self.call] = self.start
+
+    async def __aexit__(self, *exc) -> None:
+        store = self.store
+        del store._held_since[self.call]
+        held = time.perf_counter() - self.start
+        h = store.hold_s
+        store.hold_s = held if h is None else h + HOLD_EWMA_WEIGHT * (held - h)
+        store._slots.release()
+        store.in_use -= 1
+
+
 class HistoryStore:
     """Async reads and atomic appends of user histories; every Redis failure becomes ``StoreUnavailable``."""
 
@@ -282,23 +312,9 @@ class HistoryStore:
             raise IdempotencyConflict("this idempotency key was already used with other items")
         return AppendResult(length=int(length), replayed=not applied)
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    def _slot(self) -> _Slot:
         """One of the traffic's ``slots`` connections, counted while waited for and held."""
-        self.in_use += 1
-        try:
-            async with self._slots:
-                call, start = next(self._call_ids), time.perf_counter()
-                self._held_since[call] = start
-                try:
-                    yield
-                finally:
-                    del self._held_since[call]
-                    held = time.perf_counter() - start
-                    h = self.hold_s
-                    self.hold_s = held if h is None else h + HOLD_EWMA_WEIGHT * (held - h)
-        finally:
-            self.in_use -= 1
+        return _Slot(self)
 
     def expected_wait_s(self) -> float:
         """How long a read started now would take: the calls ahead of it (waiting for a slot or
