@@ -48,6 +48,18 @@ class ServiceError(Exception):
         return error_response(self.status, self.code, self.message, self.field, self.headers)
 
 
+class InvalidBody(StarletteHTTPException):
+    """A body refused while it is parsed, before its model is validated (service/api/json_body.py: a
+    duplicated JSON key): 422 ``invalid_request`` naming the field, like a validation error.
+
+    An HTTPException because FastAPI lets exactly those through from the body parse (any other
+    exception there becomes its generic 400 "error parsing the body", which names nothing)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(422, message)
+        self.field = field
+
+
 def unavailable(code: str, message: str, reject_reason: str | None = None) -> ServiceError:
     """503 with Retry-After: the condition (Redis down, no model yet) is expected to pass."""
     return ServiceError(
@@ -105,6 +117,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, InvalidBody):
+            metrics.REQUESTS_REJECTED.labels(reason="invalid").inc()
+            return error_response(422, "invalid_request", f"{exc.field}: {exc.detail}", exc.field)
         if exc.status_code == 400:
             # FastAPI's "error parsing the body" (invalid UTF-8, JSON nested past the parser's depth):
             # the same answer as any other invalid body, the 422 every route documents.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from service.settings import MAX_BEAM_SIZE, MAX_K, MAX_REQUEST_HISTORY
 
@@ -13,11 +13,24 @@ UserId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
+def whole_number(value: object) -> object:
+    """A JSON number with no fractional part (``20.0``, ``2e1``) as the int it is; anything else as sent.
+
+    The schema says ``type: integer``, which JSON Schema (2020-12, OpenAPI 3.1) defines as any number
+    whose fractional part is zero: ``20.0`` is an integer there, and refusing it refused what the schema
+    allows. The fields stay strict otherwise: ``20.5``, ``"20"`` and ``true`` are still refused.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId
-    # strict: JSON true is not 1, 0 is not false, "5" is not 5 (what the schema says is what is accepted)
+    # strict: JSON true is not 1, 0 is not false, "5" is not 5 (what the schema says is what is accepted);
+    # 20.0 is 20 (JSON Schema's integer: ``whole_number``)
     k: int | None = Field(
         None,
         ge=1,
@@ -38,6 +51,8 @@ class RecommendRequest(BaseModel):
         max_length=MAX_REQUEST_HISTORY,
         description="item ids, oldest first; when given, used instead of the user's Redis history",
     )
+
+    _whole_numbers = field_validator("k", "beam_size", mode="before")(whole_number)
 
 
 class RecommendedItem(BaseModel):
@@ -127,6 +142,8 @@ class ReloadRequest(BaseModel):
         description="load and pin this version: bundle polling leaves it alone until a reload without a "
         "version, which loads the newest present and releases the pin",
     )
+
+    _whole_numbers = field_validator("version", mode="before")(whole_number)
 
 
 class ReloadResponse(BaseModel):

@@ -6,12 +6,18 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import ServingEngine, State
+from service.api.json_body import UniqueKeysRoute
 from service.auth import AdminRoute
 from service.model_info import model_summary
 from service.schemas import ModelResponse, RefusedVersion, ReloadRequest, ReloadResponse, error_responses
 from service.state import manual_reload
 
-router = APIRouter(prefix="/admin", route_class=AdminRoute)
+
+class AdminBodyRoute(UniqueKeysRoute, AdminRoute):
+    """AdminRoute, with a JSON body whose keys must be unique (service/api/json_body.py)."""
+
+
+router = APIRouter(prefix="/admin", route_class=AdminBodyRoute)
 
 
 @router.get(

@@ -8,9 +8,15 @@ from fastapi.responses import Response
 from service import recommender
 from service.admission import InferenceRoute
 from service.api.deps import State
+from service.api.json_body import UniqueKeysRoute
 from service.schemas import RecommendRequest, RecommendResponse, error_responses
 
-router = APIRouter(route_class=InferenceRoute)
+
+class RecommendRoute(UniqueKeysRoute, InferenceRoute):
+    """InferenceRoute, with a JSON body whose keys must be unique (service/api/json_body.py)."""
+
+
+router = APIRouter(route_class=RecommendRoute)
 
 
 @router.post(

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service import metrics
 from service.api.deps import IdempotencyKey, State, Store, UserIdPath
+from service.api.json_body import UniqueKeysRoute
 from service.auth import DataPlaneRoute
 from service.errors import ServiceError
 from service.redis_calls import redis_call
@@ -14,7 +15,12 @@ from service.redis_store import IdempotencyConflict
 from service.schemas import EventsRequest, EventsResponse, HistoryResponse, error_responses
 from service.state import AppState
 
-router = APIRouter(prefix="/users", route_class=DataPlaneRoute)
+
+class UsersRoute(UniqueKeysRoute, DataPlaneRoute):
+    """DataPlaneRoute, with a JSON body whose keys must be unique (service/api/json_body.py)."""
+
+
+router = APIRouter(prefix="/users", route_class=UsersRoute)
 
 
 @router.post(

@@ -40,7 +40,7 @@ def test_a_json_syntax_error_names_the_body_not_an_offset(server):
     ("body", "field"),
     [
         ({"user_id": "1", "k": True}, "k"),
-        ({"user_id": "1", "k": 5.0}, "k"),
+        ({"user_id": "1", "k": 5.5}, "k"),  # 5.0 is accepted: an integer to JSON Schema
         ({"user_id": "1", "k": "5"}, "k"),
         ({"user_id": "1", "beam_size": True}, "beam_size"),
         ({"user_id": "1", "exclude_seen": 0}, "exclude_seen"),
@@ -53,7 +53,7 @@ def test_values_the_schema_forbids_are_refused(server, body, field):
 
 def test_reload_version_must_be_an_integer(server):
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    for version in (True, "1", 1.0):
+    for version in (True, "1", 1.5):
         r = httpx.post(server.url + "/admin/reload", json={"version": version}, headers=auth)
         assert invalid(r)["field"] == "version"
 
