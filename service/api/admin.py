@@ -13,11 +13,11 @@ from service.schemas import ModelResponse, RefusedVersion, ReloadRequest, Reload
 from service.state import manual_reload
 
 
-class AdminBodyRoute(UniqueKeysRoute, AdminRoute):
+class AdminJSONRoute(UniqueKeysRoute, AdminRoute):
     """AdminRoute, with a JSON body whose keys must be unique (service/api/json_body.py)."""
 
 
-router = APIRouter(prefix="/admin", route_class=AdminBodyRoute)
+router = APIRouter(prefix="/admin", route_class=AdminJSONRoute)
 
 
 @router.get(

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.auth import AdminRoute
+from service.api.admin import AdminJSONRoute
 from service.errors import ServiceError
 from service.new_items import MAX_NEW_ITEMS, MAX_TEXT_CHARS, NewItemRecord, NewItems
 from service.schemas import ErrorResponse, ItemId, error_responses
 
-router = APIRouter(prefix="/admin", route_class=AdminRoute)
+router = APIRouter(prefix="/admin", route_class=AdminJSONRoute)  # duplicated JSON keys: 422
 ItemIdPath = Annotated[str, PathParam(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 # 409 and 404 mean something of their own here: documented per route, not with the shared wording

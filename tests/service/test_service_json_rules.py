@@ -90,6 +90,31 @@ def test_bodies_with_unique_keys_are_served_as_before(server, tiny_bundle):
     assert r.status_code == 200 and len(r.json()["items"]) == 3
 
 
+def test_every_route_with_a_json_body_refuses_duplicated_keys():
+    """By construction: a route that takes a body and is not built by ``UniqueKeysRoute`` fails here
+    (the admin item routes included, mounted by service.new_items.install)."""
+    from fastapi.routing import APIRoute
+
+    from service.api import admin, admin_items, recommend, users
+    from service.api.json_body import UniqueKeysRoute
+
+    with_body = [
+        r
+        for router in (recommend.router, users.router, admin.router, admin_items.router)
+        for r in router.routes
+        if isinstance(r, APIRoute) and r.body_field is not None
+    ]
+    assert {r.path for r in with_body} >= {
+        "/recommend",
+        "/users/{user_id}/events",
+        "/admin/reload",
+        "/admin/items",
+    }
+    assert all(isinstance(r, UniqueKeysRoute) for r in with_body), [
+        r.path for r in with_body if not isinstance(r, UniqueKeysRoute)
+    ]
+
+
 # ---- E7: what type: integer accepts ----
 def _schema(server, name: str) -> jsonschema.Draft202012Validator:
     spec = httpx.get(server.url + "/openapi.json").json()
