@@ -100,9 +100,12 @@ class _Sentence(nn.Module):
         self.token_types = token_types
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra = {"token_type_ids": rest[0]} if self.token_types else {}
+        extra = {"token_type_ids": token_type_ids} if self.token_types else {}
         hidden = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, **extra
         ).last_hidden_state

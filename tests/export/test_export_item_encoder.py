@@ -190,4 +190,4 @@ def test_inspect_reports_the_item_encoder(encoder_bundle, capsys):
     out = capsys.readouterr().out
     assert "new items  encoder local:" in out and "rqkmeans" in out
     manifest = json.loads((encoder_bundle.dir / "manifest.json").read_text())
-    assert manifest["item_encoder"]["inputs"][:2] == ["input_ids", "attention_mask"]
+    assert manifest["item_encoder"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]

@@ -80,6 +80,7 @@ def build_sentence_model(out: Path, seed: int = 0) -> Path:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # as BERT's (MiniLM's)
     )
     fast.save_pretrained(raw)
     torch.manual_seed(seed)
