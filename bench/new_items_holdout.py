@@ -111,15 +111,14 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank_metrics(engine, histories: list[np.ndarray], targets: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per user: the target's rank in the served top-10 (10 when absent), seen items excluded; and
-    the seconds per user of forward + search."""
+def _served_ranks(engine, histories: list[np.ndarray], targets: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per user: the target's rank in the served top-10 (``engine.search``, seen items excluded; 10
+    when absent), and the seconds per user of forward + search."""
     ranks = np.full(len(targets), K, dtype=np.int64)
     start = time.perf_counter()
     for lo in range(0, len(histories), 64):
         batch = histories[lo : lo + 64]
-        scores = engine.forward(batch)
-        items, _ = engine.search(scores, K, K, [np.unique(h) for h in batch])
+        items, _ = engine.search(engine.forward(batch), K, K, [np.unique(h) for h in batch])
         for j, row in enumerate(items):
             hit = np.flatnonzero(row == targets[lo + j])
             if hit.size:
@@ -127,11 +126,30 @@ def _rank_metrics(engine, histories: list[np.ndarray], targets: np.ndarray) -> t
     return ranks, (time.perf_counter() - start) / max(len(histories), 1)
 
 
+def _ranks(engine, histories, targets, table: np.ndarray, bias: np.ndarray, among=None) -> np.ndarray:
+    """Per user: the target's rank (0 = first) by the folded score ``table``/``bias`` over the whole
+    catalog (or the items ``among``), seen items excluded."""
+    out = np.empty(len(targets), dtype=np.int64)
+    for lo in range(0, len(histories), 64):
+        batch = histories[lo : lo + 64]
+        (h,) = engine.forward(batch).outputs
+        scores = h @ table.T + bias
+        for j, hist in enumerate(batch):
+            scores[j, np.unique(hist)] = -np.inf
+        t = scores[np.arange(len(batch)), targets[lo : lo + 64]]
+        pool = scores if among is None else scores[:, among]
+        out[lo : lo + 64] = (pool > t[:, None]).sum(1)
+    return out
+
+
 def _report(ranks: np.ndarray) -> dict:
     hit = ranks < K
     return {
-        "recall@10": float(hit.mean()),
-        "ndcg@10": float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
+        "recall@10": round(float(hit.mean()), 4),
+        "ndcg@10": round(float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean()), 4),
+        "recall@100": round(float((ranks < 100).mean()), 4),
+        "recall@1000": round(float((ranks < 1000).mean()), 4),
+        "median_rank": int(np.median(ranks)) + 1,
     }
 
 
@@ -139,12 +157,40 @@ def _random(num_items: int, histories: list[np.ndarray]) -> dict:
     """Exact expectation of a uniformly random ranking of the unseen items."""
     unseen = np.array([num_items - len(np.unique(h)) for h in histories], dtype=np.float64)
     disc = (1.0 / np.log2(np.arange(K) + 2.0)).sum()
-    return {"recall@10": float(np.mean(K / unseen)), "ndcg@10": float(np.mean(disc / unseen))}
+    return {
+        "recall@10": round(float(np.mean(K / unseen)), 5),
+        "ndcg@10": round(float(np.mean(disc / unseen)), 5),
+        "recall@100": round(float(np.mean(100 / unseen)), 4),
+        "recall@1000": round(float(np.mean(1000 / unseen)), 4),
+        "median_rank": int(np.median(unseen) / 2),
+    }
+
+
+def _neighbour_parts(base_codes, id_table, id_bias, id_inputs, codes) -> tuple[np.ndarray, ...]:
+    """For each new item: the mean ID part (folded row and bias) and input row of the catalog items
+    sharing its longest semantic-ID prefix (3 codes, else 2, else 1): an estimate the served path does
+    NOT use (it gives no ID part, as to a cold catalog item); measured here to size what it would give."""
+    table = np.zeros((len(codes), id_table.shape[1]), dtype=np.float32)
+    bias = np.zeros(len(codes), dtype=np.float32)
+    inputs = np.zeros((len(codes), id_inputs.shape[1]), dtype=np.float32)
+    for j, c in enumerate(codes):
+        for length in (3, 2, 1):
+            same = np.all(base_codes[:, :length] == c[:length], axis=1)
+            if same.any():
+                table[j], bias[j], inputs[j] = (
+                    id_table[same].mean(0),
+                    id_bias[same].mean(),
+                    id_inputs[same].mean(0),
+                )
+                break
+    return table, bias, inputs
 
 
 def measure(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from export.item_encoder import new_item_parts
+    from model.train.checkpoint import load_model
     from service.engine import load_engine, single_threaded_blas
     from service.new_item_encoder import ItemEncoder, PrefixIndex, assign_codes
     from service.new_items import Catalog
@@ -160,82 +206,101 @@ def measure(args: argparse.Namespace) -> int:
 
     # (a) the held-out model, the held-out items added through the new-item path
     engine = load_engine(work / "bundles" / "heldout", providers=["CPUExecutionProvider"])
-    encoder = ItemEncoder.load(engine.bundle)
+    b = engine.bundle
+    encoder = ItemEncoder.load(b)
+    # the service path against the table on catalog items: tokenizer + ONNX MiniLM + numpy RQ-VAE
+    texts = load_dataset(work / "data", max_history=MAX_HISTORY).item_texts()
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(texts), size=min(args.parity_items, len(texts)), replace=False))
+    prefix = encoder.prefixes(encoder.embed([texts[i] for i in sample]))
+    agreement = float(np.mean(np.all(prefix == b.table.codes[sample, :-1], axis=1)))
+    result["catalog_codes_reproduced"] = {"items": len(sample), "share": round(agreement, 4)}
     t = time.perf_counter()
     embeddings = encoder.embed([h["text"] for h in info["held_out"]])
     embed_s = time.perf_counter() - t
     t = time.perf_counter()
-    codes, ok = assign_codes(encoder.prefixes(embeddings), PrefixIndex(engine.bundle.table.codes, 256))
+    codes, ok = assign_codes(encoder.prefixes(embeddings), PrefixIndex(b.table.codes, b.table.codebook_size))
     rows = encoder.rows(codes, embeddings)
     extended = Catalog(engine).extend(held_ids, rows)
     rows_s = time.perf_counter() - t
-    # the service path against the table on catalog items: tokenizer + ONNX MiniLM + numpy RQ-VAE
-    reduced = load_dataset(work / "data", max_history=MAX_HISTORY)
-    texts = reduced.item_texts()
-    sample = np.sort(
-        np.random.default_rng(0).choice(len(texts), size=min(args.parity_items, len(texts)), replace=False)
-    )
-    prefix = encoder.prefixes(encoder.embed([texts[i] for i in sample]))
-    agreement = float(np.mean(np.all(prefix == engine.bundle.table.codes[sample, :-1], axis=1)))
-    result["catalog_codes_reproduced"] = {"items": len(sample), "share": round(agreement, 4)}
     result["add"] = {
         "embed_ms_per_item": round(1000 * embed_s / len(held_ids), 2),
         "rows_and_extend_ms": round(1000 * rows_s, 1),
         "all_codes_assigned": bool(ok.all()),
         "collision_codes_above_0": int((codes[:, -1] > 0).sum()),
-        "encoder_check": engine.bundle.manifest["item_encoder"]["check"],
+        "encoder_check": b.manifest["item_encoder"]["check"],
     }
     index = extended.item_index
+    n = extended.catalog.base_items
     histories = [
         np.asarray([index[full.item_ids[i]] for i in full.sequences[u][:-1]][-MAX_HISTORY:], dtype=np.int64)
         for u in users
     ]
     targets = np.asarray([index[full.item_ids[full.sequences[u][-1]]] for u in users], dtype=np.int64)
-    ranks, per_user = _rank_metrics(extended, histories, targets)
-    result["new_item_path"] = _report(ranks) | {"ms_per_user": round(1000 * per_user, 2)}
-    result["random"] = _random(extended.bundle.table.num_items, histories)
-    # how often the added items reach anyone's top 10 at all (users of this set)
-    top_any = 0
+    served, per_user = _served_ranks(extended, histories, targets)
+    scorer = extended.bundle.scorer
+    ranks = _ranks(extended, histories, targets, scorer.table, scorer.bias)
+    assert np.array_equal(np.minimum(ranks, K), served), "served top-10 differs from the full ranking"
+    in_top = 0
     for lo in range(0, len(histories), 64):
-        items, _ = extended.search(
-            extended.forward(histories[lo : lo + 64]), K, K, [np.unique(h) for h in histories[lo : lo + 64]]
-        )
-        top_any += int((items >= extended.catalog.base_items).sum())
-    result["new_item_path"]["held_out_items_per_top10"] = round(top_any / len(users), 3)
+        batch = histories[lo : lo + 64]
+        items, _ = extended.search(extended.forward(batch), K, K, [np.unique(h) for h in batch])
+        in_top += int((items >= n).sum())
+    result["random"] = _random(extended.bundle.table.num_items, histories)
+    result["new_item_path"] = _report(ranks) | {
+        "ms_per_user": round(1000 * per_user, 2),
+        "new_items_per_top10": round(in_top / len(users), 3),
+    }
+    among = np.arange(n, n + len(held_ids))
+    within = _ranks(extended, histories, targets, scorer.table, scorer.bias, among=among)
+    result["new_item_path_among_new_items_only"] = {
+        "recall@10": round(float((within < K).mean()), 4),
+        "random_recall@10": round(K / len(held_ids), 4),
+        "median_rank": int(np.median(within)) + 1,
+    }
+    # (a') the same items with the mean ID part of their semantic-ID neighbours (not what is served)
+    code_part = encoder.code_table[np.arange(b.table.code_length), b.table.codes].astype(np.float64).sum(1)
+    code_bias = encoder.code_bias[np.arange(b.table.code_length), b.table.codes].astype(np.float64).sum(1)
+    t_n, b_n, i_n = _neighbour_parts(
+        b.table.codes, b.scorer.table - code_part, b.scorer.bias - code_bias, b.item_inputs, codes
+    )
+    table2, bias2 = scorer.table.copy(), scorer.bias.copy()
+    table2[n:] += t_n
+    bias2[n:] += b_n
+    inputs2 = extended.bundle.item_inputs.copy()
+    inputs2[n:] = i_n
+    neighbours = replace(extended, bundle=replace(extended.bundle, item_inputs=inputs2))
+    result["neighbour_id_part"] = _report(_ranks(neighbours, histories, targets, table2, bias2))
 
     # (b) the model trained with every item: the same users, the same histories, trained rows
     full_engine = load_engine(work / "bundles" / "full", providers=["CPUExecutionProvider"])
+    fb = full_engine.bundle
     findex = full_engine.item_index
     fh = [
         np.asarray([findex[full.item_ids[i]] for i in full.sequences[u][:-1]][-MAX_HISTORY:]) for u in users
     ]
     ft = np.asarray([findex[full.item_ids[full.sequences[u][-1]]] for u in users], dtype=np.int64)
-    ranks_full, _ = _rank_metrics(full_engine, fh, ft)
-    result["trained_rows"] = _report(ranks_full)
+    result["trained_rows"] = _report(_ranks(full_engine, fh, ft, fb.scorer.table, fb.scorer.bias))
 
-    # (c) the full model with the held-out items as cold items (their code part only)
-    import torch
-
-    from export.item_encoder import new_item_parts
-    from model.train.checkpoint import load_model
-
-    model, _ = load_model(Path(args.full_run) / "best.pt")
+    # (c) the full model with the held-out items as cold items (their code part only, both sides)
+    model, ckpt = load_model(Path(args.full_run) / "best.pt")
     parts = new_item_parts(model)
-    b = full_engine.bundle
     cold = np.asarray([findex[i] for i in held_ids], dtype=np.int64)
-    lv = np.arange(b.table.code_length)
-    table, bias = b.scorer.table.copy(), b.scorer.bias.copy()
-    table[cold] = parts["code_table"][lv, b.table.codes[cold]].astype(np.float64).sum(1)
-    bias[cold] = parts["code_bias"][lv, b.table.codes[cold]].astype(np.float64).sum(1)
-    inputs = b.item_inputs.copy()
+    lv = np.arange(fb.table.code_length)
+    table, bias = fb.scorer.table.copy(), fb.scorer.bias.copy()
+    table[cold] = parts["code_table"][lv, fb.table.codes[cold]].astype(np.float64).sum(1)
+    bias[cold] = parts["code_bias"][lv, fb.table.codes[cold]].astype(np.float64).sum(1)
+    inputs = fb.item_inputs.copy()
     inputs[cold] = 0.0
-    scorer = replace(b.scorer, table=table, bias=bias)
-    scorer.__dict__.pop("_table_t", None)
-    cold_engine = replace(full_engine, bundle=replace(b, scorer=scorer, item_inputs=inputs))
-    ranks_cold, _ = _rank_metrics(cold_engine, fh, ft)
-    result["full_model_cold_rows"] = _report(ranks_cold)
-    del torch
-
+    cold_engine = replace(full_engine, bundle=replace(fb, item_inputs=inputs))
+    result["full_model_cold_rows"] = _report(_ranks(cold_engine, fh, ft, table, bias))
+    result["runs"] = {
+        "heldout": {
+            "steps": b.manifest["source"].get("step"),
+            "test": b.manifest["metrics"]["run"].get("test"),
+        },
+        "full": {"run": str(args.full_run), "steps": ckpt.get("step")},
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
