@@ -101,7 +101,7 @@ def _status(record: NewItemRecord, status) -> dict:
     "/items",
     response_model=NewItemResponse,
     status_code=201,
-    responses={**error_responses(401, 413, 422, 500, 503), **_409, 200: {"model": NewItemResponse}},
+    responses={**error_responses(401, 408, 413, 422, 500, 503), **_409, 200: {"model": NewItemResponse}},
     summary="Add an item without retraining: its semantic ID and row from the bundle's own encoder",
     description="Stored in Redis (restored at restart) and served by every worker within a second, until "
     "a bundle that has the item itself is served (then the bundle's version wins). 201 when added, 200 "
