@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from service import errors
+from service import errors, new_items
 from service.admission import AdmissionMiddleware
 from service.api import admin, probes, recommend, users
 from service.auth import guard_of
@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _mount(app, state, router)
     if state.settings.admin_token is not None:  # unset: the admin routes do not exist
         _mount(app, state, admin.router)
+    # items added by id and text without a new bundle (POST /admin/items; synced across workers)
+    new_items.install(app)
     s = state.settings
     # the admission decisions of /recommend (service/overload.py); the route class reads it from here
     app.state.admission = Admission(

@@ -108,10 +108,9 @@ def _settings(bundle: Path, redis_settings: dict, **overrides) -> Settings:
 
 
 def _server(bundle: Path, redis_settings: dict, **overrides) -> LiveServer:
-    """A live server with new items installed (by create_app once it is wired there)."""
+    """A live server: create_app installs new items (the registry, its sync and the admin routes)."""
     live = LiveServer(_settings(bundle, redis_settings, **overrides))
-    if not hasattr(live.app.state, "new_items"):
-        new_items.install(live.app)
+    assert isinstance(live.app.state.new_items, new_items.NewItems)
     return live
 
 
