@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", type=parse_case, action="append", required=True, help="DATA:form[,form]")
     p.add_argument("--config", default=str(ROOT / "configs/amazon.toml"))
     p.add_argument("--set", action="append", default=[], help="--set override for every case")
-    p.add_argument("--num-negatives", type=int, default=TrainConfig().num_negatives,
-                   help="sampled softmax negatives per batch (default: the config default, %(default)s)")
+    p.add_argument(
+        "--num-negatives",
+        type=int,
+        default=TrainConfig().num_negatives,
+        help="sampled softmax negatives per batch (default: the config default, %(default)s)",
+    )
     p.add_argument("--sampler", default="popularity", choices=("uniform", "popularity"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10)
