@@ -15,7 +15,9 @@ Admission: a job that cannot be answered before its deadline is refused at once 
 full deadline for nothing). The expected wait is the work ahead of it (queued jobs + the batch in
 progress) times the measured cost of one job (an exponential average over recent batches), plus the
 measured delay of the event loop in handing results back (a loop busy with a burst's HTTP work
-delivers late), so under a burst the queue holds what the service can answer in time.
+delivers late), so under a burst the queue holds what the service can answer in time. This is the last
+of the request's admission checks (service/overload.py has all of them); a job with no time left is a
+``TimeoutError`` (504), never an overload with a negative time left.
 """
 
 from __future__ import annotations

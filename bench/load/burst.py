@@ -24,7 +24,9 @@ from Redis is part of every request).
 
 Each server under test is ``fair-serve`` (one worker, default settings unless ``--serve-args``) started
 from a checkout (``--server NAME=CHECKOUT_DIR``, the same Python environment for all): compare the code
-before and after a change in one run, rounds alternating, on the same bundle.
+before and after a change in one run, rounds alternating, on the same bundle. ``--server NAME=bare`` is
+the floor: uvicorn with a bare ASGI app that answers everything 429 at once (what the HTTP layer and the
+client alone cost on the machine).
 
     .venv/bin/python bench/load/burst.py --bundle /tmp/bundles/beauty/1 \\
         --server before=/tmp/before --server after=. --burst 4000 --source redis --rounds 2
@@ -271,6 +273,7 @@ def run_rate(port: int, requests: list[bytes], rate: float, seconds: float, pool
     start = time.perf_counter()
     n = opened = 0
     late: list[float] = []
+    expired_at = start
     while n < total or client.in_flight:
         now = time.perf_counter()
         while n < total and start + n / rate <= now:
@@ -286,8 +289,9 @@ def run_rate(port: int, requests: list[bytes], rate: float, seconds: float, pool
                 break  # read answers between sends: a burst of sends must not delay their timing
         next_due = start + n / rate if n < total else now + 0.05
         client.poll(max(0.0, min(0.01, next_due - time.perf_counter())))
-        if n % 256 == 0:
-            client.expire(time.perf_counter())
+        if time.perf_counter() - expired_at > 0.5:
+            expired_at = time.perf_counter()
+            client.expire(expired_at)
     sent_at = np.array(late)
     return client.results, {
         "connections_opened_during": opened,
@@ -313,14 +317,44 @@ def summarize(results: list[tuple[int, float]]) -> dict:
     return out
 
 
+BARE_BODY = b'{"error":{"code":"overloaded","message":"bare"}}'
+
+
+async def bare_app(scope, receive, send) -> None:
+    """The floor: a bare ASGI app answering every request 429 at once (no FastAPI, no admission), to
+    tell what uvicorn and the client alone cost per request on this machine (``--server NAME=bare``)."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(BARE_BODY)).encode())]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": BARE_BODY})
+
+
 def start_server(
     checkout: Path, bundle: Path, port: int, data_dir: str, extra: list[str]
 ) -> subprocess.Popen:
+    if str(checkout) == "bare":
+        here = Path(__file__).resolve()
+        args = [sys.executable, "-m", "uvicorn", "--app-dir", str(here.parent), "burst:bare_app"]
+        args += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+        env = {**os.environ, "PYTHONPATH": str(here.parents[2])}
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAIR_")}
     env["PYTHONPATH"] = str(checkout.resolve())
     args = [sys.executable, "-m", "service.cli", "--bundle", str(bundle.resolve()), "--port", str(port)]
     args += ["--data-dir", data_dir, "--log-level", "warning", *extra]
     return subprocess.Popen(args, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on port {port} within {timeout_s:.0f} s")
 
 
 def service_metrics(url: str) -> dict:
@@ -366,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="fair-burst-") as data_dir:
                 proc = start_server(Path(checkout), args.bundle, port, data_dir, args.serve_args.split())
                 try:
-                    wait_ready(url, proc, "/readyz")
-                    if args.source == "redis":
+                    bare = checkout == "bare"
+                    if bare:
+                        _wait_port(port, proc)
+                    else:
+                        wait_ready(url, proc, "/readyz")
+                    if args.source == "redis" and not bare:
                         store_histories(url, hist)
                     run_burst(port, requests[:64])  # warm: connections, caches, the cost estimate
                     time.sleep(0.5)
@@ -378,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         raw, extra = run_rate(port, requests, args.rate, args.seconds, args.pool)
                     summary = {"load_avg_1m": round(load, 2), **summarize(raw), **extra}
-                    summary.update(service_metrics(url))
+                    if not bare:
+                        summary.update(service_metrics(url))
                 finally:
                     stop(proc)
             results[name].append(summary)
