@@ -96,17 +96,6 @@ class AppState:
         serving = self.engine.version
         return {v: r for v, r in sorted(self.refused_versions.items(), reverse=True) if v > serving}
 
-    def shed_reason(self) -> str | None:
-        """Why a request that waits for the batcher would not be answered within its whole deadline
-        (refused with 429 before its body is read); None when it would."""
-        timeout_s = self.settings.request_timeout_ms / 1000.0
-        if self.batcher is None:
-            return None
-        wait = self.batcher.expected_wait_s()
-        if wait <= timeout_s:
-            return None
-        return f"overloaded: expected wait {wait * 1000:.0f} ms exceeds the {timeout_s * 1000:g} ms deadline"
-
     def serving(self, reject_reason: str | None = None) -> Engine:
         """The engine new requests use; 503 (counted under ``reject_reason``) before the first load."""
         if self.engine is None:
