@@ -43,6 +43,7 @@ from model.fair import FAIR
 from model.semantic_ids.assign import QuantizerError, check_quantizer, quantized_prefix
 from model.semantic_ids.encoders import DEFAULT_MODEL_ID, _local_model_id, bundled_model_path
 from model.semantic_ids.table import SemanticIdTable
+from model.semantic_ids.token_feeds import token_feeds
 
 OUTPUT_NAME = "text_embedding"  # not "embedding": BERT's graph already has a value of that name
 POOLINGS = ("mean", "cls")
@@ -171,17 +172,8 @@ def load_sentence_model(path: str | os.PathLike) -> SentenceModel:
 
 
 def _feeds(model: SentenceModel, texts: list[str]) -> dict[str, np.ndarray]:
-    """Padded int64 token arrays of ``texts`` (the same padding the service does)."""
-    encodings = model.tokenizer.encode_batch(texts)
-    length = max(len(e.ids) for e in encodings)
-    feeds = {name: np.zeros((len(texts), length), dtype=np.int64) for name in model.input_names}
-    for j, e in enumerate(encodings):
-        n = len(e.ids)
-        feeds["input_ids"][j, :n] = e.ids
-        feeds["attention_mask"][j, :n] = e.attention_mask
-        if "token_type_ids" in feeds:
-            feeds["token_type_ids"][j, :n] = e.type_ids
-    return feeds
+    """Padded int64 token arrays of ``texts`` (the very padding the service does: one function)."""
+    return token_feeds(model.tokenizer, texts, model.input_names)
 
 
 def export_text_encoder(model: SentenceModel, path: str | os.PathLike, opset: int = 18) -> Path:

@@ -41,6 +41,7 @@ from export.bundle import (
 from model.search.folded import FoldedScorer
 from model.semantic_ids.assign import QuantizerError, check_quantizer, next_collision_code, quantized_prefix
 from model.semantic_ids.collisions import CollisionError
+from model.semantic_ids.token_feeds import token_feeds
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a BERT-like graph may take
 ENCODER_OUTPUT = "text_embedding"
@@ -265,15 +266,7 @@ class ItemEncoder:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), ENCODE_BATCH):
             rows = order[start : start + ENCODE_BATCH]
-            encodings = self.tokenizer.encode_batch([texts[i] for i in rows])
-            length = max(len(e.ids) for e in encodings)
-            feeds = {name: np.zeros((len(rows), length), dtype=np.int64) for name in names}
-            for j, e in enumerate(encodings):
-                n = len(e.ids)
-                feeds["input_ids"][j, :n] = e.ids
-                feeds["attention_mask"][j, :n] = e.attention_mask
-                if "token_type_ids" in feeds:
-                    feeds["token_type_ids"][j, :n] = e.type_ids
+            feeds = token_feeds(self.tokenizer, [texts[i] for i in rows], names)
             (emb,) = session.run([ENCODER_OUTPUT], feeds)
             if emb.shape != (len(rows), self.dim):
                 raise ItemEncoderError(
