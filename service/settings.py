@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer tokens accepted on /recommend and /users/*; empty = open (the local demo)",
     )
+    require_api_tokens: bool = Field(
+        False,
+        description="refuse to start without an API token: a deployment whose token Secret is empty "
+        "fails at start instead of serving an open data plane (the Kubernetes manifests set it)",
+    )
     idempotency_ttl_s: int = Field(
         86400, ge=1, description="how long an Idempotency-Key of POST /users/{id}/events is remembered"
     )
@@ -211,6 +216,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "FAIR_BUNDLE_SIGNING_KEY needs FAIR_VERIFY_BUNDLE=true: the signature covers the bundle's "
                 "files only through the checksums"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_when_required(self) -> Settings:
+        if self.require_api_tokens and not self.api_tokens:
+            raise ValueError(
+                "FAIR_REQUIRE_API_TOKENS is set but FAIR_API_TOKENS holds no token (unset, blank or only "
+                "commas): give it at least one, or the data plane would be open to anyone"
             )
         return self
 

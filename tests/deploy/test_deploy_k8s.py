@@ -115,6 +115,7 @@ def test_secrets_come_from_secrets_and_never_from_the_configmap():
         assert ref == {"name": secret, "key": key}, var  # not optional: a missing Secret stops the pod
     settings = by_kind("ConfigMap")["data"]
     assert not set(SECRETS) & set(settings)
+    assert settings["FAIR_REQUIRE_API_TOKENS"] == "true"  # an empty token Secret stops the pod
     assert not any("://" in v or "@" in v for v in settings.values())
     # no Secret with a value ships in the repository: a default secret is no secret
     assert not [d for _, d in documents() if d["kind"] == "Secret"]

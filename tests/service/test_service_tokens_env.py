@@ -155,3 +155,16 @@ def test_an_app_configured_from_the_environment_accepts_each_token_and_echoes_no
     assert captured_logs.records  # the capture works (startup, the bundle's load, ...)
     for text in [*seen, logged]:
         assert TOKEN_A not in text and TOKEN_B not in text
+
+
+@pytest.mark.parametrize("value", ["", " ", ",, ,"])
+def test_required_tokens_refuse_an_empty_list(clean_env, value):
+    """FAIR_REQUIRE_API_TOKENS (set by the Kubernetes manifests): a blank token Secret stops the worker
+    instead of serving an open data plane; with a token it starts as usual."""
+    clean_env.setenv("FAIR_REQUIRE_API_TOKENS", "true")
+    clean_env.setenv("FAIR_API_TOKENS", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "holds no token" in str(refused.value)
+    clean_env.setenv("FAIR_API_TOKENS", TOKEN_A)
+    assert _tokens(Settings()) == [TOKEN_A]
