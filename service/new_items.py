@@ -375,10 +375,11 @@ class NewItems:
             try:
                 await self.sync()
             except Exception as exc:  # logged at most once a minute; the next tick tries again
+                # a WARNING: a Redis outage itself is logged (once, as an ERROR) by the history store
                 now = time.monotonic()
                 if now - self._last_error_log >= 60:
                     self._last_error_log = now
-                    log.error("new items: sync failed (retrying every %.1f s): %s", SYNC_INTERVAL_S, exc)
+                    log.warning("new items: sync failed (retrying every %.1f s): %s", SYNC_INTERVAL_S, exc)
 
     # ---- Redis ---------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -387,8 +388,7 @@ class NewItems:
             raise unavailable("redis_unavailable", REDIS_UNAVAILABLE, "redis_unavailable")
         try:
             yield self.client
-        except REDIS_FAILURES as exc:
-            log.warning("new items: redis call failed: %s", exc)
+        except REDIS_FAILURES as exc:  # not logged per call: the sync loop every 0.5 s would flood the log
             raise unavailable("redis_unavailable", REDIS_UNAVAILABLE, "redis_unavailable") from exc
 
     async def _script(self, name: str, source: str, keys: list[str], args: list[Any]) -> Any:

@@ -110,6 +110,12 @@ def test_an_external_redis_outage_is_logged_once_when_it_starts_and_once_when_it
     back = [r for r in caplog.records if "answering again" in r.getMessage()]
     assert len(down) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
     assert str(redis_server.socket_path) in down[0].getMessage()  # the address is in the log, not the answer
+    # the new-items sync (every 0.5 s) meets the same outage: at most one WARNING of its own, never a
+    # line per failed call (it flooded the log) and never a second ERROR for one outage
+    synced = [r for r in caplog.records if r.name == "fair.new_items"]
+    assert len(synced) <= 1 and all(r.levelno == logging.WARNING for r in synced), [
+        r.getMessage() for r in synced
+    ]
 
 
 def test_a_crash_loop_fails_healthz_until_the_server_has_stayed_up_for_the_window(tiny_bundle, caplog):
