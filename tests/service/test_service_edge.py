@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import selectors
 import socket
 import subprocess
@@ -398,22 +397,21 @@ def test_connections_over_the_cap_are_answered_503_at_accept_and_closed(capped):
 
 
 def test_fair_serve_raises_the_open_file_limit_to_the_cap_or_says_it_cannot():
-    """Below the cap, the descriptor limit would bound connections first (accept fails with EMFILE)."""
+    """Below the cap, the descriptor limit would bound connections first (accept fails with EMFILE).
+    The child lowers its own limits (always allowed) to 256 soft and the given hard limit, under any
+    machine's hard limit, so the test needs no particular ``ulimit -n`` of its host."""
     code = (
         "import logging, resource, sys\n"
         "logging.basicConfig(stream=sys.stdout, format='%(levelname)s %(message)s')\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, int(sys.argv[1])))\n"
         "from service.edge import ensure_fd_limit\n"
-        "print('soft', ensure_fd_limit(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print('soft', ensure_fd_limit(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
     )
-    current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if current_hard != resource.RLIM_INFINITY and current_hard < 4096:
-        pytest.skip(f"the hard open-file limit here ({current_hard}) is below the 4096 this test sets")
     hard = subprocess.run(
-        [sys.executable, "-c", code, "4096"], capture_output=True, text=True, check=True, timeout=120
-    ).stdout
-    assert "soft 1256 1256" in hard and "WARNING" not in hard  # cap + 256 reserved, within the hard limit
-    low = subprocess.run(
         [sys.executable, "-c", code, "512"], capture_output=True, text=True, check=True, timeout=120
     ).stdout
-    assert "soft 512 512" in low and "WARNING open-file limit 512 is below FAIR_MAX_CONNECTIONS 1000" in low
+    assert "soft 356 356" in hard and "WARNING" not in hard  # cap + 256 reserved, within the hard limit
+    low = subprocess.run(
+        [sys.executable, "-c", code, "300"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "soft 300 300" in low and "WARNING open-file limit 300 is below FAIR_MAX_CONNECTIONS 100" in low
